@@ -1,0 +1,31 @@
+"""efcn_sparse: the equivalent fully-connected network (eFCN) of a CNN, stored block-sparse.
+
+d'Ascoli et al. (NeurIPS 2019) map each Conv2d to the Linear layer computing the same function
+and keep training it without locality or weight sharing. This package stores those matrices in a
+block-sparse layout (:class:`BSRLayout`) and runs them with reference, C++ CPU, Triton and CUDA
+kernels behind three custom ops, with masked gradients.
+"""
+
+from . import _extension
+
+_extension.load()
+
+from . import backends, ops  # noqa: E402
+from .backends import available_backends, get_default_backend, set_default_backend  # noqa: E402
+from .conv_geometry import ConvGeometry  # noqa: E402
+from .layout import BSRLayout, LayoutError  # noqa: E402
+from .module import SparseEFCN  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BSRLayout",
+    "LayoutError",
+    "SparseEFCN",
+    "ConvGeometry",
+    "available_backends",
+    "get_default_backend",
+    "set_default_backend",
+    "backends",
+    "ops",
+]

@@ -1,0 +1,89 @@
+"""Reference backend: plain PyTorch, vectorised over blocks (gathers, batched matmuls, index_add).
+
+The simple, obviously-correct implementation every fast backend is tested against. Work is
+chunked over blocks only to bound the temporary memory (batch x blocks x block side); there is
+no Python loop over individual blocks. Half-precision inputs are computed in float32.
+
+Kernel contract shared by every backend (see ``efcn_sparse.ops``): ``x`` [B, N] and ``dy``
+[B, M] are contiguous and of the values' dtype; index tensors are int32 on the same device;
+values [nnzb, BR, BC] hold zeros at masked entries; edge blocks may stick out of (M, N).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+_CHUNK_BYTES = 64 * 2**20
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _pad_cols(t: torch.Tensor, n_blocks: int, block: int) -> torch.Tensor:
+    """View t [B, n] as [B, n_blocks, block], zero-padding the last block when needed."""
+    B, n = t.shape
+    if n != n_blocks * block:
+        t = torch.nn.functional.pad(t, (0, n_blocks * block - n))
+    return t.reshape(B, n_blocks, block)
+
+
+def _chunks(nnzb: int, per_block_bytes: int):
+    step = max(1, _CHUNK_BYTES // max(per_block_bytes, 1))
+    for s in range(0, nnzb, step):
+        yield s, min(nnzb, s + step)
+
+
+def forward(x, values, bias: Optional[torch.Tensor], crow_ptr, col_idx, row_idx, M: int):
+    B, N = x.shape
+    nnzb, BR, BC = values.shape
+    nbr, nbc = crow_ptr.numel() - 1, -(-N // BC)
+    cd = _compute_dtype(values.dtype)
+    xb = _pad_cols(x.to(cd), nbc, BC)  # [B, nbc, BC]
+    w = values.to(cd)
+    acc = torch.zeros(nbr, BR, B, dtype=cd, device=x.device)
+    cols, rows = col_idx.long(), row_idx.long()
+    for s, e in _chunks(nnzb, B * (BC + BR) * x.element_size()):
+        xg = xb[:, cols[s:e]].permute(1, 2, 0)  # [k, BC, B]
+        acc.index_add_(0, rows[s:e], torch.bmm(w[s:e], xg))
+    y = acc.permute(2, 0, 1).reshape(B, nbr * BR)[:, :M]
+    if bias is not None:
+        y = y + bias.to(cd)
+    return y.to(values.dtype).contiguous()
+
+
+def grad_input(dy, values, ccol_ptr, t_row_idx, t_perm, N: int):
+    B, M = dy.shape
+    nnzb, BR, BC = values.shape
+    nbc, nbr = ccol_ptr.numel() - 1, -(-M // BR)
+    cd = _compute_dtype(values.dtype)
+    dyb = _pad_cols(dy.to(cd), nbr, BR)  # [B, nbr, BR]
+    w = values.to(cd)
+    t_cols = torch.repeat_interleave(torch.arange(nbc, device=dy.device), ccol_ptr.long().diff())
+    acc = torch.zeros(nbc, BC, B, dtype=cd, device=dy.device)
+    rows, perm = t_row_idx.long(), t_perm.long()
+    for s, e in _chunks(nnzb, B * (BC + BR) * dy.element_size()):
+        dyg = dyb[:, rows[s:e]].permute(1, 2, 0)  # [k, BR, B]
+        acc.index_add_(0, t_cols[s:e], torch.bmm(w[perm[s:e]].transpose(1, 2), dyg))
+    return acc.permute(2, 0, 1).reshape(B, nbc * BC)[:, :N].to(values.dtype).contiguous()
+
+
+def grad_weight(dy, x, row_idx, col_idx, mask_ids: Optional[torch.Tensor], mask_patterns: Optional[torch.Tensor],
+                BR: int, BC: int):
+    B, M = dy.shape
+    N = x.shape[1]
+    nnzb = row_idx.numel()
+    cd = _compute_dtype(dy.dtype)
+    dyb = _pad_cols(dy.to(cd), -(-M // BR), BR)
+    xb = _pad_cols(x.to(cd), -(-N // BC), BC)
+    out = torch.empty(nnzb, BR, BC, dtype=cd, device=dy.device)
+    rows, cols = row_idx.long(), col_idx.long()
+    for s, e in _chunks(nnzb, B * (BC + BR) * dy.element_size()):
+        dyg = dyb[:, rows[s:e]].permute(1, 2, 0)  # [k, BR, B]
+        xg = xb[:, cols[s:e]].transpose(0, 1)  # [k, B, BC]
+        torch.bmm(dyg, xg, out=out[s:e])
+    if mask_ids is not None:
+        out *= mask_patterns[mask_ids.long()].to(cd)
+    return out.to(dy.dtype)

@@ -1,0 +1,152 @@
+"""The three block-sparse ops, registered as PyTorch custom ops (schema, fake impl, autograd).
+
+* ``efcn_sparse::bsr_linear``      Y  = X W^T + b                 (differentiable)
+* ``efcn_sparse::bsr_grad_input``  dX = dY W, via the transpose metadata (no copy of values)
+* ``efcn_sparse::bsr_grad_weight`` dW = (dY^T X) on stored blocks only, times the element mask
+
+W is the (M, N) matrix of a :class:`~efcn_sparse.layout.BSRLayout` with ``values``
+[nnzb, BR, BC]. Values at masked entries must be zero (``SparseEFCN`` keeps them so: their
+gradient is exactly zero). ``backend`` names a kernel implementation (``efcn_sparse.backends``);
+it is resolved inside the op, so ``torch.compile`` sees one opaque op whatever runs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .layout import BSRLayout
+
+__all__ = ["bsr_linear", "bsr_grad_input", "bsr_grad_weight", "linear"]
+
+
+def _check_operand(name: str, t: Tensor, cols: int, values: Tensor) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D tensor [batch, {cols}], got shape {tuple(t.shape)}")
+    if t.shape[1] != cols:
+        raise ValueError(f"{name}: expected {cols} features, got {t.shape[1]} (shape {tuple(t.shape)})")
+    if t.dtype != values.dtype:
+        raise TypeError(f"{name}: dtype {t.dtype} does not match the weights' dtype {values.dtype}")
+    if t.device != values.device:
+        raise RuntimeError(f"{name}: on device {t.device}, but the weights are on {values.device}")
+
+
+def _check_blocks(name: str, n: int, block: int, n_blocks: int) -> None:
+    if not (n_blocks - 1) * block < n <= n_blocks * block and not (n == 0 and n_blocks == 0):
+        raise ValueError(f"{name}: {n} features do not fit {n_blocks} blocks of {block}")
+
+
+def _kernels(backend: str, device: torch.device):
+    return backends.kernels(backends.resolve(backend, device))
+
+
+# --------------------------------------------------------------------------- forward
+@torch.library.custom_op("efcn_sparse::bsr_linear", mutates_args=())
+def bsr_linear(
+    x: Tensor,
+    values: Tensor,
+    bias: Optional[Tensor],
+    crow_ptr: Tensor,
+    col_idx: Tensor,
+    row_idx: Tensor,
+    ccol_ptr: Tensor,
+    t_row_idx: Tensor,
+    t_perm: Tensor,
+    mask_ids: Optional[Tensor],
+    mask_patterns: Optional[Tensor],
+    M: int,
+    backend: str,
+) -> Tensor:
+    """Y [B, M] = X [B, N] W^T + bias."""
+    _check_operand("input", x, x.shape[1], values)
+    _check_blocks("input", x.shape[1], values.shape[2], ccol_ptr.numel() - 1)
+    _check_blocks("output", M, values.shape[1], crow_ptr.numel() - 1)
+    k = _kernels(backend, x.device)
+    if x.shape[0] == 0:
+        return x.new_empty(0, M)
+    return k.forward(x.contiguous(), values.contiguous(), None if bias is None else bias.contiguous(),
+                     crow_ptr, col_idx, row_idx, M)
+
+
+@bsr_linear.register_fake
+def _(x, values, bias, crow_ptr, col_idx, row_idx, ccol_ptr, t_row_idx, t_perm, mask_ids, mask_patterns, M, backend):
+    return x.new_empty(x.shape[0], M)
+
+
+def _setup_context(ctx, inputs, output):
+    x, values, bias, crow_ptr, col_idx, row_idx, ccol_ptr, t_row_idx, t_perm, mask_ids, mask_patterns, M, backend = inputs
+    ctx.save_for_backward(x, values, row_idx, col_idx, ccol_ptr, t_row_idx, t_perm, mask_ids, mask_patterns)
+    ctx.has_bias = bias is not None
+    ctx.backend = backend
+
+
+def _backward(ctx, dy):
+    x, values, row_idx, col_idx, ccol_ptr, t_row_idx, t_perm, mask_ids, mask_patterns = ctx.saved_tensors
+    dy = dy.contiguous()
+    dx = dw = db = None
+    if ctx.needs_input_grad[0]:
+        dx = bsr_grad_input(dy, values, ccol_ptr, t_row_idx, t_perm, x.shape[1], ctx.backend)
+    if ctx.needs_input_grad[1]:
+        dw = bsr_grad_weight(dy, x, row_idx, col_idx, mask_ids, mask_patterns, values.shape[1], values.shape[2],
+                             ctx.backend)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        db = dy.sum(0)
+    return dx, dw, db, None, None, None, None, None, None, None, None, None, None
+
+
+bsr_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- grad_input
+@torch.library.custom_op("efcn_sparse::bsr_grad_input", mutates_args=())
+def bsr_grad_input(dy: Tensor, values: Tensor, ccol_ptr: Tensor, t_row_idx: Tensor, t_perm: Tensor, N: int,
+                   backend: str) -> Tensor:
+    """dX [B, N] = dY [B, M] W."""
+    _check_operand("grad_output", dy, dy.shape[1], values)
+    _check_blocks("grad_input", N, values.shape[2], ccol_ptr.numel() - 1)
+    if dy.shape[0] == 0:
+        return dy.new_zeros(0, N)
+    return _kernels(backend, dy.device).grad_input(dy.contiguous(), values.contiguous(), ccol_ptr, t_row_idx, t_perm, N)
+
+
+@bsr_grad_input.register_fake
+def _(dy, values, ccol_ptr, t_row_idx, t_perm, N, backend):
+    return dy.new_empty(dy.shape[0], N)
+
+
+# --------------------------------------------------------------------------- grad_weight
+@torch.library.custom_op("efcn_sparse::bsr_grad_weight", mutates_args=())
+def bsr_grad_weight(dy: Tensor, x: Tensor, row_idx: Tensor, col_idx: Tensor, mask_ids: Optional[Tensor],
+                    mask_patterns: Optional[Tensor], BR: int, BC: int, backend: str) -> Tensor:
+    """dW [nnzb, BR, BC] = (dY^T X) restricted to the stored blocks, times the element mask."""
+    if dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0]:
+        raise ValueError(f"grad_weight: expected dy [B, M] and x [B, N] with one batch, got {tuple(dy.shape)} and {tuple(x.shape)}")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"grad_weight: dy dtype {dy.dtype} differs from x dtype {x.dtype}")
+    if dy.shape[0] == 0:
+        return dy.new_zeros(row_idx.numel(), BR, BC)
+    return _kernels(backend, dy.device).grad_weight(dy.contiguous(), x.contiguous(), row_idx, col_idx, mask_ids,
+                                                    mask_patterns, BR, BC)
+
+
+@bsr_grad_weight.register_fake
+def _(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC, backend):
+    return dy.new_empty(row_idx.shape[0], BR, BC)
+
+
+# --------------------------------------------------------------------------- convenience
+def linear(x: Tensor, layout: BSRLayout, values: Tensor, bias: Optional[Tensor] = None,
+           backend: Optional[str] = None) -> Tensor:
+    """``x [B, N] @ W^T + bias`` for W given by ``layout`` and ``values``; differentiable in all three."""
+    M, N = layout.shape
+    if values.shape[1:] != torch.Size(layout.block_shape) or values.shape[0] != layout.nnzb:
+        layout.check_values(values)
+    _check_operand("input", x, N, values)
+    if bias is not None and tuple(bias.shape) != (M,):
+        raise ValueError(f"bias: expected shape ({M},), got {tuple(bias.shape)}")
+    return bsr_linear(x, values, bias, layout.crow_ptr, layout.col_idx, layout.row_idx, layout.ccol_ptr,
+                      layout.t_row_idx, layout.t_perm, layout.mask_ids, layout.mask_patterns, M,
+                      backends.check_name(backend or backends.get_default_backend()))
