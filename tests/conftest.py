@@ -2,8 +2,11 @@
 
 import os
 
-import pytest
-import torch
+# Triton kernels run on CPU tensors through the interpreter; it must be set before triton loads.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
 
