@@ -216,7 +216,7 @@ def build_layout(geo: ConvGeometry, halo: Halo = 0, block_shape: Optional[Tuple[
     brow, bcol = keys // nbc, keys % nbc
 
     aligned = Cout % BR == 0 and Cin % BC == 0
-    if aligned and geo.groups == 1:
+    if (aligned and geo.groups == 1) or keys.numel() == 0:
         return BSRLayout.from_block_coords((M, N), (BR, BC), brow, bcol, device=device)
     masks, pats_list, ids_list = None, [], []
     rr, cc = torch.arange(BR), torch.arange(BC)
@@ -236,7 +236,7 @@ def build_layout(geo: ConvGeometry, halo: Halo = 0, block_shape: Optional[Tuple[
             R = brow[s:s + 4096, None, None] * BR + rr[None, :, None]
             C = bcol[s:s + 4096, None, None] * BC + cc[None, None, :]
             key = (R // Cout) * P_in + (C // Cin)
-            pos = torch.searchsorted(pairs, key.clamp(max=int(pairs[-1])))
+            pos = torch.searchsorted(pairs, key).clamp(max=pairs.numel() - 1)
             m = (pairs[pos] == key) & _group_ok(geo, R, C) & (R < M) & (C < N)
             u, inv = torch.unique(m.reshape(m.shape[0], -1), dim=0, return_inverse=True)
             ids = torch.empty(u.shape[0], dtype=torch.int64)
@@ -251,7 +251,7 @@ def build_layout(geo: ConvGeometry, halo: Halo = 0, block_shape: Optional[Tuple[
         pats = torch.cat(pats_list) if pats_list else torch.zeros(0, BR, BC, dtype=torch.bool)
     ids = torch.cat(ids_list) if ids_list else torch.zeros(0, dtype=torch.int64)
     pats = torch.cat(pats_list) if aligned else pats
-    keep = pats.reshape(pats.shape[0], -1).any(1)[ids]  # drop blocks that lie wholly in other groups
+    keep = pats.reshape(pats.shape[0], BR * BC).any(1)[ids]  # drop blocks that lie wholly in other groups
     return BSRLayout.from_block_coords((M, N), (BR, BC), brow[keep], bcol[keep], mask_ids=ids[keep],
                                        mask_patterns=pats, device=device)
 

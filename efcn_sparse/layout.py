@@ -31,7 +31,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-__all__ = ["BSRLayout", "LayoutError"]
+__all__ = ["BSRLayout", "LayoutError", "memory_budget_bytes"]
 
 INDEX_FIELDS = ("crow_ptr", "col_idx", "row_idx", "ccol_ptr", "t_row_idx", "t_perm")
 MASK_FIELDS = ("mask_ids", "mask_patterns")
@@ -329,7 +329,7 @@ class BSRLayout:
         BR, BC = self.block_shape
         need = M * N * values.element_size()
         if max_bytes is None:
-            max_bytes = _dense_budget_bytes()
+            max_bytes = memory_budget_bytes()
         if need > max_bytes:
             raise MemoryError(
                 f"dense matrix of shape ({M}, {N}) in {values.dtype} needs {need / 2**30:.2f} GiB, over the "
@@ -406,7 +406,7 @@ class BSRLayout:
         """(layout, values) from a ``scipy.sparse.bsr_matrix`` (duplicates summed, columns sorted)."""
         import scipy.sparse as sp
 
-        m = sp.bsr_matrix(m)
+        m = sp.bsr_matrix(m, copy=True)
         m.sum_duplicates()
         m.sort_indices()
         crow = torch.from_numpy(m.indptr.astype(np.int64))
@@ -422,7 +422,7 @@ class BSRLayout:
                 f"block_density={self.nnzb / max(self.n_block_rows * self.n_block_cols, 1):.4f}{masks}, device={self.device})")
 
 
-def _dense_budget_bytes() -> int:
+def memory_budget_bytes() -> int:
     """Half of the physical memory: a dense matrix larger than that would not fit usefully."""
     try:
         import os

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import backends
 from .conv_geometry import ConvGeometry, Halo, build_layout, check_halo, embed_bias, embed_weight
-from .layout import INDEX_FIELDS, MASK_FIELDS, BSRLayout
+from .layout import INDEX_FIELDS, MASK_FIELDS, BSRLayout, memory_budget_bytes
 from .ops import linear
 
 __all__ = ["SparseEFCN"]
@@ -107,9 +107,21 @@ class SparseEFCN(nn.Module):
         """
         geo = ConvGeometry.from_conv(conv, input_size)
         halo = check_halo(halo)
-        layout = build_layout(geo, halo, block_shape)
         w = conv.weight.detach()
-        values = embed_weight(geo, layout, w.to(torch.float64)).to(w.dtype)
+
+        def check_fits(entries: int) -> None:
+            need = entries * w.element_size()
+            if need > memory_budget_bytes():
+                raise MemoryError(
+                    f"the eFCN of {conv} on {geo.input_size} inputs with halo={halo!r} would store {need / 2**30:.2f} "
+                    f"GiB of {w.dtype} values, over the {memory_budget_bytes() / 2**30:.2f} GiB budget (half the "
+                    "machine's memory); use a smaller halo or input")
+
+        if halo == "full":
+            check_fits(geo.out_features * geo.in_features)
+        layout = build_layout(geo, halo, block_shape)
+        check_fits(layout.nnzb * layout.block_shape[0] * layout.block_shape[1])
+        values = embed_weight(geo, layout, w)
         Ho, Wo = geo.out_size
         m = cls(layout.to(w.device), values.to(w.device), bias=False if conv.bias is None else embed_bias(geo, conv.bias),
                 in_shape=(geo.in_channels,) + geo.input_size, out_shape=(geo.out_channels, Ho, Wo),

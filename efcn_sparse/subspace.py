@@ -1,0 +1,466 @@
+"""The CNN subspace of an eFCN: the weights a conv could produce, and the distance to it.
+
+For a ``SparseEFCN`` built from a conv (it has a ``.geometry``), let E be the linear embedding map
+kernel -> eFCN weight (``embed_weight``): entry (p_out, c_out; p_in, c_in) = sum of the kernel
+weights K[c_out, c_in, k] over the taps k of output pixel p_out that read input pixel p_in. The CNN
+subspace is range(E) (zero off the receptive fields, shared across positions), and the orthogonal
+(Frobenius) projection is P = E (E^T E)^+ E^T.
+
+E^T E is block-diagonal: one (KH*KW)^2 Gram matrix G, shared by every (c_out, c_in) pair, with
+G[k, k'] = number of pixel pairs that taps k and k' both land on. For zeros padding G is diagonal
+(G[k, k] = number of output pixels whose tap k is not in the padding), and P reduces to "the mean
+of the entries sharing (c_out, c_in, offset)", with border positions contributing only their valid
+entries. For reflect/replicate/circular padding, two taps can land on one pixel and G is not
+diagonal; a pseudo-inverse keeps P the exact orthogonal projection even where some kernel entries
+are not identifiable (``to_cnn`` then returns the minimum-norm kernel). The bias subspace is "the
+same value at every position" per channel; its projection is the mean over positions.
+
+Everything here is O(stored entries): per layer, index tensors mapping the receptive-field entries
+to values (by block when the tiles are pixel-aligned, by entry otherwise) and per-block locality
+and distance codes are computed once and cached (weakly, per module); statistics are accumulated
+in float64 in bounded chunks. No dense matrix is built.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .conv_geometry import ConvGeometry
+from .module import SparseEFCN
+
+__all__ = ["project", "to_cnn", "deviation", "cnn_kernel", "project_values", "clear_cache"]
+
+_CHUNK = 1 << 22  # elements per temporary (float64: 32 MiB)
+_FLAT_CACHE_MAX = 1 << 22  # cache per-entry indices of non-aligned layers up to this many entries
+_cache: "weakref.WeakKeyDictionary[SparseEFCN, tuple]" = weakref.WeakKeyDictionary()
+
+
+def clear_cache() -> None:
+    """Drop the cached per-layer index maps (they are rebuilt on demand)."""
+    _cache.clear()
+
+
+def _group_ok(Cout: int, Cin: int, g: int, r: Tensor, c: Tensor) -> Tensor:
+    return (r // (Cout // g)) == (c // (Cin // g))
+
+
+class _Maps:
+    """Index maps of one SparseEFCN: local pixel pairs, taps, value gather/scatter, block codes."""
+
+    def __init__(self, m: SparseEFCN):
+        geo: ConvGeometry = m.geometry
+        lay = m.layout
+        dev = m.values.device
+        self.geo = geo
+        self.Cout, self.Cin, self.g = geo.out_channels, geo.in_channels, geo.groups
+        self.cog, self.cig = self.Cout // self.g, self.Cin // self.g
+        KH, KW = geo.kernel_size
+        self.KK = KH * KW
+        self.BR, self.BC = lay.block_shape
+        self.M, self.N = lay.shape
+        self.P_in = geo.input_size[0] * geo.input_size[1]
+        if (self.M, self.N) != (geo.out_features, geo.in_features):
+            raise ValueError(f"SparseEFCN of shape {(self.M, self.N)} does not match its geometry "
+                             f"({geo.out_features}, {geo.in_features})")
+
+        # local pixel pairs and the taps landing on them, grouped by pair
+        po, pi, kh, kw = geo.local_taps()
+        pairs, tap_u = torch.unique(po * self.P_in + pi, return_inverse=True)
+        order = torch.argsort(tap_u, stable=True)
+        tap_u, tap_k = tap_u[order], (kh * KW + kw)[order]
+        self.U = pairs.numel()
+        self.pairs = pairs  # sorted keys p_out * P_in + p_in (CPU)
+        self.tap_ptr = torch.searchsorted(tap_u, torch.arange(self.U + 1))  # CPU
+        self.tap_u, self.tap_k = tap_u.to(dev), tap_k.to(dev)
+        self.one_tap = bool(self.tap_ptr.diff().eq(1).all()) if self.U else True
+
+        # Gram matrix G = C^T C, C[u, k] = 1 when tap k lands on pair u; its pseudo-inverse
+        G = torch.zeros(self.KK, self.KK, dtype=torch.float64)
+        if self.one_tap:
+            G.diagonal().copy_(torch.bincount(tap_k, minlength=self.KK).double())
+        else:
+            step = max(1, _CHUNK // self.KK)
+            for s in range(0, self.U, step):
+                t0, t1 = int(self.tap_ptr[s]), int(self.tap_ptr[min(s + step, self.U)])
+                C = torch.zeros(min(step, self.U - s), self.KK, dtype=torch.float64)
+                C.index_put_((tap_u[t0:t1] - s, tap_k[t0:t1]), torch.ones(t1 - t0, dtype=torch.float64), accumulate=True)
+                G += C.T @ C
+        self.G = G
+        if bool((G - torch.diag(G.diagonal())).eq(0).all()):
+            d = G.diagonal()
+            Ginv = torch.diag(torch.where(d > 0, 1.0 / d.clamp(min=1), torch.zeros_like(d)))
+        else:
+            Ginv = torch.linalg.pinv(G, rtol=1e-10, hermitian=True)
+        self.Ginv = Ginv.to(dev)
+
+        # where each local entry lives in values
+        stored = lay.row_idx.long().cpu() * lay.n_block_cols + lay.col_idx.long().cpu()  # sorted
+        self._stored = stored
+        self.aligned = self.Cout % self.BR == 0 and self.Cin % self.BC == 0
+        ppo, ppi = pairs // self.P_in, pairs % self.P_in
+        if self.aligned:
+            ta, tb = self.Cout // self.BR, self.Cin // self.BC
+            self.ta, self.tb = ta, tb
+            in_group = _group_ok(self.Cout, self.Cin, self.g, torch.arange(self.Cout)[:, None], torch.arange(self.Cin)[None, :])
+            a, b = torch.nonzero(in_group.reshape(ta, self.BR, tb, self.BC).any(3).any(1), as_tuple=True)
+            self.tile_a, self.tile_b = a.to(dev), b.to(dev)
+            blk = self._lookup((ppo[:, None] * ta + a).reshape(-1), (ppi[:, None] * tb + b).reshape(-1))
+            self.blk = blk.reshape(self.U, a.numel()).to(dev)
+        else:
+            self.flat = None
+            if self.U * self.Cout * self.cig <= _FLAT_CACHE_MAX:
+                self.flat = self._flat_index(0, self.U).to(dev)
+        self._pairs_dev = pairs.to(dev)
+
+        # per-block locality and distance codes (aligned: a block lies inside one pixel pair)
+        if self.aligned:
+            bpo = lay.row_idx.long().cpu() * self.BR // self.Cout
+            bpi = lay.col_idx.long().cpu() * self.BC // self.Cin
+            local, dist = self._codes(bpo, bpi, pairs)
+            self.block_local, self.block_dist = local.to(dev), dist.to(dev)
+
+    # ---------------------------------------------------------------- index helpers
+    def _lookup(self, brow: Tensor, bcol: Tensor) -> Tensor:
+        key = brow * ((self.N + self.BC - 1) // self.BC) + bcol
+        st = self._stored
+        pos = torch.searchsorted(st, key).clamp(max=max(st.numel() - 1, 0))
+        if st.numel() == 0 or not bool((st[pos] == key).all()):
+            raise RuntimeError("a receptive-field entry is not stored: the layout does not match the geometry")
+        return pos
+
+    def _flat_index(self, u0: int, u1: int) -> Tensor:
+        """[u, Cout, cig] index into values.view(-1) of the local entries of pairs u0:u1."""
+        pairs = self.pairs[u0:u1]
+        ppo, ppi = pairs // self.P_in, pairs % self.P_in
+        co = torch.arange(self.Cout)
+        ci = (co // self.cog)[:, None] * self.cig + torch.arange(self.cig)[None, :]  # [Cout, cig]
+        r = (ppo[:, None, None] * self.Cout + co[None, :, None]).expand(-1, -1, self.cig)
+        c = ppi[:, None, None] * self.Cin + ci[None]
+        blk = self._lookup((r // self.BR).reshape(-1), (c // self.BC).reshape(-1))
+        flat = blk * (self.BR * self.BC) + (r % self.BR).reshape(-1) * self.BC + (c % self.BC).reshape(-1)
+        return flat.reshape(-1, self.Cout, self.cig)
+
+    def _codes(self, po: Tensor, pi: Tensor, pairs: Tensor):
+        """(local, distance) of pixel pairs: local = some tap reads p_in for p_out; distance = Chebyshev
+        distance in pixels from p_in to p_out's receptive-field bounding box (0 inside it)."""
+        geo = self.geo
+        key = po * self.P_in + pi
+        pos = torch.searchsorted(pairs, key).clamp(max=max(pairs.numel() - 1, 0))
+        local = (pairs[pos] == key) if pairs.numel() else torch.zeros_like(key, dtype=torch.bool)
+        Wo, W = geo.out_size[1], geo.input_size[1]
+        dist = torch.zeros_like(po)
+        for o, x, axis in ((po // Wo, pi // W, 0), (po % Wo, pi % W, 1)):
+            k, s, d = geo.kernel_size[axis], geo.stride[axis], geo.dilation[axis]
+            lo = o * s - (geo.pad_h, geo.pad_w)[axis][0]
+            hi = lo + d * (k - 1)
+            dist = torch.maximum(dist, torch.maximum(lo - x, x - hi).clamp(min=0))
+        return local, dist
+
+    def chunks(self):
+        """Ranges of local pairs whose temporaries stay under _CHUNK elements."""
+        width = self.Cout * (self.Cin if self.aligned else self.cig) * max(1, int(self.tap_ptr.diff().max()) if self.U else 1)
+        step = max(1, _CHUNK // max(width, 1))
+        for s in range(0, self.U, step):
+            yield s, min(self.U, s + step)
+
+    # ---------------------------------------------------------------- gather / scatter
+    def gather(self, values: Tensor, u0: int, u1: int) -> Tensor:
+        """Local entries of pairs u0:u1 as [u, Cout * cig] float64."""
+        if self.aligned:
+            u = u1 - u0
+            tiles = values[self.blk[u0:u1]].double()  # [u, T, BR, BC]
+            if self.g == 1:
+                full = tiles.reshape(u, self.ta, self.tb, self.BR, self.BC)
+            else:
+                full = tiles.new_zeros(u, self.ta, self.tb, self.BR, self.BC)
+                full[:, self.tile_a, self.tile_b] = tiles
+            full = full.permute(0, 1, 3, 2, 4).reshape(u, self.Cout, self.Cin)
+            if self.g > 1:
+                full = full.reshape(u, self.g, self.cog, self.g, self.cig).diagonal(dim1=1, dim2=3)  # [u, cog, cig, g]
+                full = full.permute(0, 3, 1, 2)
+            return full.reshape(u, self.Cout * self.cig)
+        flat = self.flat[u0:u1] if self.flat is not None else self._flat_index(u0, u1).to(values.device)
+        return values.reshape(-1)[flat.reshape(-1)].double().reshape(u1 - u0, self.Cout * self.cig)
+
+    def scatter(self, out: Tensor, u0: int, u1: int, local: Tensor) -> None:
+        """Write local entries [u, Cout * cig] of pairs u0:u1 into ``out`` (values layout)."""
+        u = u1 - u0
+        local = local.to(out.dtype).reshape(u, self.Cout, self.cig)
+        if self.aligned:
+            if self.g > 1:
+                full = local.new_zeros(u, self.g, self.cog, self.g, self.cig)
+                full.diagonal(dim1=1, dim2=3).copy_(local.reshape(u, self.g, self.cog, self.cig).permute(0, 2, 3, 1))
+                local = full
+            tiles = local.reshape(u, self.ta, self.BR, self.tb, self.BC).permute(0, 1, 3, 2, 4)
+            out[self.blk[u0:u1]] = tiles[:, self.tile_a, self.tile_b]
+            return
+        flat = self.flat[u0:u1] if self.flat is not None else self._flat_index(u0, u1).to(out.device)
+        out.view(-1)[flat.reshape(-1)] = local.reshape(-1)
+
+    def taps(self, u0: int, u1: int):
+        t0, t1 = int(self.tap_ptr[u0]), int(self.tap_ptr[u1])
+        return self.tap_u[t0:t1] - u0, self.tap_k[t0:t1]
+
+    # ---------------------------------------------------------------- the projection
+    def adjoint(self, values: Tensor) -> Tensor:
+        """E^T W as [KK, Cout * cig] float64."""
+        b = torch.zeros(self.KK, self.Cout * self.cig, dtype=torch.float64, device=values.device)
+        for u0, u1 in self.chunks():
+            loc = self.gather(values, u0, u1)
+            tu, tk = self.taps(u0, u1)
+            b.index_add_(0, tk, loc if self.one_tap else loc[tu])
+        return b
+
+    def kernel(self, values: Tensor) -> Tensor:
+        """K = G^+ E^T W as [KK, Cout * cig] float64: the conv kernel of the projection."""
+        return self.Ginv @ self.adjoint(values)
+
+    def embed_local(self, K: Tensor, u0: int, u1: int) -> Tensor:
+        """(E K) on pairs u0:u1 as [u, Cout * cig]."""
+        tu, tk = self.taps(u0, u1)
+        if self.one_tap:
+            return K[tk]
+        out = K.new_zeros(u1 - u0, K.shape[1])
+        return out.index_add_(0, tu, K[tk])
+
+
+def _maps(m: SparseEFCN) -> _Maps:
+    if m.geometry is None:
+        raise ValueError("this SparseEFCN was not built from a conv (no .geometry): it has no CNN subspace")
+    lay_sig = tuple((t.data_ptr(), t._version, tuple(t.shape)) if t is not None else None
+                    for t in (m.crow_ptr, m.col_idx, m.row_idx, m.mask_ids))
+    sig = (m.geometry, tuple(m.block_shape), tuple(m.shape), m.values.device, lay_sig)
+    hit = _cache.get(m)
+    if hit is not None and hit[0] == sig:
+        return hit[1]
+    maps = _Maps(m)
+    _cache[m] = (sig, maps)
+    return maps
+
+
+def _efcn_layers(model: nn.Module):
+    """(path, module) of every SparseEFCN with a geometry, each module once."""
+    return [(p or "<model>", m) for p, m in model.named_modules()
+            if isinstance(m, SparseEFCN) and m.geometry is not None]
+
+
+# ------------------------------------------------------------------------------------ per layer
+def cnn_kernel(m: SparseEFCN):
+    """(weight [Cout, Cin/g, KH, KW], bias [Cout] or None) of the projection of ``m`` onto the CNN subspace."""
+    mp = _maps(m)
+    with torch.no_grad():
+        K = mp.kernel(m.values.detach())
+        KH, KW = mp.geo.kernel_size
+        w = K.reshape(KH, KW, mp.Cout, mp.cig).permute(2, 3, 0, 1).to(m.values.dtype).contiguous()
+        b = None
+        if m.bias is not None:
+            b = m.bias.detach().double().reshape(-1, mp.Cout).mean(0).to(m.bias.dtype)
+    return w, b
+
+
+def project_values(m: SparseEFCN):
+    """(values, bias) of the orthogonal projection of ``m``'s weights onto the CNN subspace."""
+    mp = _maps(m)
+    with torch.no_grad():
+        v = m.values.detach()
+        K = mp.kernel(v)
+        out = torch.zeros_like(v)
+        for u0, u1 in mp.chunks():
+            mp.scatter(out, u0, u1, mp.embed_local(K, u0, u1))
+        b = None
+        if m.bias is not None:
+            b = m.bias.detach().double().reshape(-1, mp.Cout).mean(0).repeat(m.bias.numel() // mp.Cout).to(m.bias.dtype)
+    return out, b
+
+
+def _layer_stats(m: SparseEFCN) -> dict:
+    """Sums of squares (float64 tensors) of one layer: total, local, residual, off-local by distance, bias."""
+    mp = _maps(m)
+    v = m.values.detach()
+    dev = v.device
+    lay = m.layout
+    BR, BC = mp.BR, mp.BC
+    zero = torch.zeros((), dtype=torch.float64, device=dev)
+    total, off = zero.clone(), zero.clone()
+    by_dist = torch.zeros(1, dtype=torch.float64, device=dev)
+
+    def add_hist(h, d, w):
+        if d.numel() == 0:
+            return h
+        n = int(d.max()) + 1
+        if n > h.numel():
+            h = torch.cat([h, h.new_zeros(n - h.numel())])
+        return h.index_add_(0, d, w)
+
+    step = max(1, _CHUNK // (BR * BC))
+    pats = lay.mask_patterns
+    for s in range(0, lay.nnzb, step):
+        e = min(lay.nnzb, s + step)
+        sq = v[s:e].double() ** 2
+        if pats is not None:
+            sq = sq * pats[lay.mask_ids[s:e].long()]
+        if mp.aligned:
+            bsq = sq.sum((1, 2))
+            total += bsq.sum()
+            nl = ~mp.block_local[s:e]
+            off += bsq[nl].sum()
+            by_dist = add_hist(by_dist, mp.block_dist[s:e][nl], bsq[nl])
+        else:
+            rows = lay.row_idx[s:e].long()[:, None, None] * BR + torch.arange(BR, device=dev)[None, :, None]
+            cols = lay.col_idx[s:e].long()[:, None, None] * BC + torch.arange(BC, device=dev)[None, None, :]
+            ok = (rows < mp.M) & (cols < mp.N)
+            rows, cols = torch.broadcast_tensors(rows, cols)
+            rows, cols, sq = rows[ok], cols[ok], sq[ok]
+            total += sq.sum()
+            local, dist = mp._codes(rows // mp.Cout, cols // mp.Cin, mp._pairs_dev)
+            off += sq[~local].sum()
+            by_dist = add_hist(by_dist, dist[~local], sq[~local])
+
+    local2, resid = zero.clone(), zero.clone()
+    K = mp.kernel(v)
+    for u0, u1 in mp.chunks():
+        loc = mp.gather(v, u0, u1)
+        local2 += (loc ** 2).sum()
+        resid += ((loc - mp.embed_local(K, u0, u1)) ** 2).sum()
+
+    bias2 = bias_res = zero.clone()
+    if m.bias is not None:
+        b = m.bias.detach().double().reshape(-1, mp.Cout)
+        bias2 = (b ** 2).sum()
+        bias_res = ((b - b.mean(0)) ** 2).sum()
+    return dict(total=total, local=local2, off=off, share=resid, by_dist=by_dist, bias=bias2, bias_res=bias_res)
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else 0.0
+
+
+def _report(st: dict) -> dict:
+    f = {k: float(v) if k != "by_dist" else v for k, v in st.items()}
+    wn = f["total"] ** 0.5
+    return {
+        "weight_norm": wn,
+        "local_norm": f["local"] ** 0.5,
+        "offlocal_norm": f["off"] ** 0.5,
+        "offlocal_ratio": _ratio(f["off"] ** 0.5, wn),
+        "sharing_deviation": _ratio(f["share"] ** 0.5, wn),
+        "deviation": _ratio((f["off"] + f["share"]) ** 0.5, wn),
+        "bias_norm": f["bias"] ** 0.5,
+        "bias_deviation": _ratio(f["bias_res"] ** 0.5, f["bias"] ** 0.5),
+        "offlocal_by_distance": [x ** 0.5 for x in st["by_dist"].cpu().tolist()],
+    }
+
+
+def deviation(model: nn.Module) -> dict:
+    """How far each eFCN layer of ``model`` is from the CNN subspace.
+
+    Returns ``{"layers": {path: stats}, "total": stats}`` over every ``SparseEFCN`` with a
+    ``.geometry`` (path ``"<model>"`` when ``model`` is itself one); ``total`` pools the sums of
+    squares of all those layers (other parameters are not included). ``stats`` keys (floats):
+
+    * ``weight_norm``: ||W|| (Frobenius, stored entries);
+    * ``local_norm``: ||W_local||, entries on the receptive fields;
+    * ``offlocal_norm``: ||W_off||, entries off the receptive fields;
+    * ``offlocal_ratio``: ||W_off|| / ||W||;
+    * ``sharing_deviation``: ||W_local - P(W)|| / ||W||;
+    * ``deviation``: ||W - P(W)|| / ||W|| (its square is the sum of the squares of the two above);
+    * ``bias_norm``: ||b||; ``bias_deviation``: ||b - P(b)|| / ||b|| (P(b): per-channel mean);
+    * ``offlocal_by_distance``: list, entry d = norm of the off-local weights whose input pixel is
+      at Chebyshev distance d pixels from the output pixel's receptive-field bounding box (d = 0:
+      inside the box but not read by any tap, e.g. dilation gaps); the squares sum to
+      ``offlocal_norm``**2.
+
+    Per layer also ``halo``. Ratios are 0 when the denominator is 0. O(stored entries), no dense matrix.
+    """
+    layers: Dict[str, dict] = {}
+    acc: Optional[dict] = None
+    with torch.no_grad():
+        for path, m in _efcn_layers(model):
+            st = _layer_stats(m)
+            layers[path] = dict(_report(st), halo=m.halo)
+            if acc is None:
+                acc = {k: v.detach().clone() for k, v in st.items()}
+                continue
+            for k, val in st.items():
+                if k == "by_dist":
+                    n = max(acc[k].numel(), val.numel())
+                    acc[k] = nn.functional.pad(acc[k], (0, n - acc[k].numel())) + nn.functional.pad(val.to(acc[k].device), (0, n - val.numel()))
+                else:
+                    acc[k] = acc[k] + val.to(acc[k].device)
+    if acc is None:
+        acc = {k: torch.zeros((), dtype=torch.float64) for k in ("total", "local", "off", "share", "bias", "bias_res")}
+        acc["by_dist"] = torch.zeros(1, dtype=torch.float64)
+    return {"layers": layers, "total": _report(acc)}
+
+
+# ------------------------------------------------------------------------------------ whole model
+def _replace(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    if path == "<model>":
+        return new
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent), name, new)
+    return model
+
+
+def _all_paths(model: nn.Module, target: nn.Module) -> List[str]:
+    return [p or "<model>" for p, m in model.named_modules(remove_duplicate=False) if m is target]
+
+
+def project(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every eFCN layer (``SparseEFCN`` with a ``.geometry``) replaced by
+    its orthogonal projection onto the CNN subspace (weights and bias); the rest is copied as is."""
+    out = copy.deepcopy(model)
+    for path, m in _efcn_layers(model):
+        values, bias = project_values(m)  # from the original: its cached maps are reused
+        new = out.get_submodule("" if path == "<model>" else path)
+        with torch.no_grad():
+            new.values.copy_(values)
+            if bias is not None:
+                new.bias.copy_(bias)
+    return out
+
+
+def _conv_from(m: SparseEFCN) -> nn.Conv2d:
+    geo = m.geometry
+    if geo.pad_h[0] == geo.pad_h[1] and geo.pad_w[0] == geo.pad_w[1]:
+        padding = (geo.pad_h[0], geo.pad_w[0])
+    else:  # only padding='same' gives asymmetric padding
+        padding = "same"
+        probe = nn.Conv2d(geo.in_channels, geo.out_channels, geo.kernel_size, geo.stride, "same", geo.dilation,
+                          geo.groups, device="meta")
+        if ConvGeometry.from_conv(probe, geo.input_size).pad_h != geo.pad_h or geo.stride != (1, 1):
+            raise ValueError(f"cannot express the padding {geo.pad_h}/{geo.pad_w} of this eFCN as an nn.Conv2d padding")
+    w, b = cnn_kernel(m)
+    conv = nn.Conv2d(geo.in_channels, geo.out_channels, geo.kernel_size, geo.stride, padding, geo.dilation,
+                     geo.groups, bias=b is not None, padding_mode=geo.padding_mode,
+                     device=m.values.device, dtype=m.values.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(w)
+        if b is not None:
+            conv.bias.copy_(b)
+    conv.train(m.training)
+    conv.requires_grad_(m.values.requires_grad)
+    return conv
+
+
+def to_cnn(model: nn.Module) -> nn.Module:
+    """An ordinary CNN: a copy of ``model`` with every eFCN layer replaced by an ``nn.Conv2d`` of the
+    same hyper-parameters whose kernel and bias are its projection onto the CNN subspace.
+
+    For a freshly embedded model this gives back the source weights (exactly for zeros padding;
+    to float rounding otherwise, except kernel entries that never touch an input pixel, which the
+    eFCN cannot see: those come back as 0). Generic ``SparseEFCN`` layers (no geometry) are kept.
+    """
+    out = copy.deepcopy(model)
+    for path, m in _efcn_layers(model):
+        conv = _conv_from(m)
+        twin = out.get_submodule("" if path == "<model>" else path)
+        for p in _all_paths(out, twin):
+            out = _replace(out, p, conv)
+    return out

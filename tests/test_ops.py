@@ -1,0 +1,117 @@
+"""The three custom ops: registration (opcheck), gradients (gradcheck), compile, backend choice."""
+
+import pytest
+import torch
+import torch.nn as nn
+from test_layout import random_layout
+
+import efcn_sparse
+from efcn_sparse import SparseEFCN, backends, ops
+
+
+def _args(lay, vals, x, bias, backend="reference"):
+    return (x, vals, bias, lay.crow_ptr, lay.col_idx, lay.row_idx, lay.ccol_ptr, lay.t_row_idx, lay.t_perm,
+            lay.mask_ids, lay.mask_patterns, lay.shape[0], backend)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_reference_ops_match_dense_products(masked):
+    lay, vals, dense = random_layout(M=37, N=50, masked=masked)
+    x = torch.randn(6, 50, dtype=torch.float64)
+    b = torch.randn(37, dtype=torch.float64)
+    y = ops.bsr_linear(*_args(lay, vals, x, b))
+    torch.testing.assert_close(y, x @ dense.T + b)
+    dy = torch.randn(6, 37, dtype=torch.float64)
+    dx = ops.bsr_grad_input(dy, vals, lay.ccol_ptr, lay.t_row_idx, lay.t_perm, 50, "reference")
+    torch.testing.assert_close(dx, dy @ dense)
+    dw = ops.bsr_grad_weight(dy, x, lay.row_idx, lay.col_idx, lay.mask_ids, lay.mask_patterns, 8, 8, "reference")
+    support = lay.to_dense(torch.ones_like(vals)) != 0
+    torch.testing.assert_close(lay.to_dense(dw), (dy.T @ x) * support)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_opcheck_passes_for_all_three_ops(masked):
+    lay, vals, _ = random_layout(M=24, N=40, masked=masked, dtype=torch.float32)
+    x = torch.randn(3, 40, requires_grad=True)
+    vals.requires_grad_(True)
+    b = torch.randn(24, requires_grad=True)
+    torch.library.opcheck(ops.bsr_linear, _args(lay, vals, x, b))
+    torch.library.opcheck(ops.bsr_linear, _args(lay, vals, x, None))
+    dy = torch.randn(3, 24)
+    torch.library.opcheck(ops.bsr_grad_input, (dy, vals.detach(), lay.ccol_ptr, lay.t_row_idx, lay.t_perm, 40, "reference"))
+    torch.library.opcheck(ops.bsr_grad_weight, (dy, x.detach(), lay.row_idx, lay.col_idx, lay.mask_ids,
+                                                lay.mask_patterns, 8, 8, "reference"))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_gradcheck_in_float64(masked):
+    lay, vals, _ = random_layout(M=20, N=28, block=(8, 4), masked=masked)
+    mask = lay.block_mask(torch.float64)
+    x = torch.randn(3, 28, dtype=torch.float64, requires_grad=True)
+    v = vals.clone().requires_grad_(True)
+    b = torch.randn(20, dtype=torch.float64, requires_grad=True)
+    # values outside the mask are structural zeros: the op's gradient there is zero by contract
+    assert torch.autograd.gradcheck(lambda x, v, b: ops.linear(x, lay, v * mask, b, backend="reference"), (x, v, b))
+
+
+def test_masked_entries_get_exactly_zero_gradient():
+    lay, vals, _ = random_layout(masked=True)
+    v = vals.clone().requires_grad_(True)
+    x = torch.randn(4, lay.shape[1], dtype=torch.float64)
+    ops.linear(x, lay, v, backend="reference").square().sum().backward()
+    assert (v.grad[~lay.block_mask()] == 0).all()
+    assert (v.grad[lay.block_mask()] != 0).any()
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    conv = nn.Conv2d(4, 16, 3, padding=1)
+    model = nn.Sequential(SparseEFCN.from_conv(conv, (6, 6), halo=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 36, 3))
+    x = torch.randn(5, 4, 6, 6)
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), eager)
+    compiled(x).sum().backward()
+    g_compiled = model[0].values.grad.clone()
+    model.zero_grad()
+    model(x).sum().backward()
+    torch.testing.assert_close(g_compiled, model[0].values.grad)
+
+
+def test_torch_compile_inductor_runs():
+    m = SparseEFCN.from_conv(nn.Conv2d(2, 16, 3, padding=1), (4, 4))
+    x = torch.randn(3, 2, 4, 4)
+    torch.testing.assert_close(torch.compile(m, fullgraph=True)(x), m(x))
+
+
+def test_unknown_backend_is_rejected():
+    lay, vals, _ = random_layout()
+    x = torch.randn(2, lay.shape[1], dtype=torch.float64)
+    with pytest.raises(ValueError, match="unknown backend 'fast'.*expected one of"):
+        ops.linear(x, lay, vals, backend="fast")
+
+
+def test_unavailable_backend_says_why():
+    with pytest.raises(backends.BackendUnavailable, match="'cuda' cannot run on cpu"):
+        backends.resolve("cuda", "cpu")
+
+
+def test_default_backend_can_be_set_globally():
+    old = efcn_sparse.get_default_backend()
+    try:
+        efcn_sparse.set_default_backend("reference")
+        assert backends.resolve(None, "cpu") == "reference"
+        with pytest.raises(ValueError):
+            efcn_sparse.set_default_backend("nope")
+    finally:
+        efcn_sparse.set_default_backend(old)
+    assert "reference" in efcn_sparse.available_backends("cpu")
+
+
+def test_op_rejects_mismatched_operands():
+    lay, vals, _ = random_layout()
+    with pytest.raises(TypeError, match="dtype"):
+        ops.linear(torch.randn(2, lay.shape[1]), lay, vals)
+    with pytest.raises(ValueError, match="features"):
+        ops.linear(torch.randn(2, lay.shape[1] + 1, dtype=torch.float64), lay, vals)
+    with pytest.raises(ValueError, match="bias"):
+        ops.linear(torch.randn(2, lay.shape[1], dtype=torch.float64), lay, vals, torch.zeros(3, dtype=torch.float64))
