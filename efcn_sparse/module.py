@@ -169,8 +169,6 @@ class SparseEFCN(nn.Module):
     # ------------------------------------------------------------------ forward
     def _flatten(self, x: Tensor) -> Tuple[Tensor, bool]:
         M, N = self.shape
-        if not isinstance(x, Tensor):
-            raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 4:
             if self.in_shape is None:
                 raise ValueError(f"this SparseEFCN has no image shape: expected flat input [B, {N}], got {tuple(x.shape)}")
@@ -185,10 +183,12 @@ class SparseEFCN(nn.Module):
         raise ValueError(f"expected input [B, {N}]{img}, got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
 
     def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
         if x.dtype != self.values.dtype:
             raise TypeError(f"input dtype {x.dtype} does not match the layer's dtype {self.values.dtype}")
         if x.device != self.values.device:
-            raise RuntimeError(f"input on {x.device}, but the layer is on {self.values.device}")
+            raise RuntimeError(f"input on device {x.device}, but the layer is on device {self.values.device}")
         flat, image = self._flatten(x)
         y = linear(flat, self.layout, self.values, self.bias, backend=self.backend)
         if not image:

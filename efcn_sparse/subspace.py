@@ -78,7 +78,8 @@ class _Maps:
         self.pairs = pairs  # sorted keys p_out * P_in + p_in (CPU)
         self.tap_ptr = torch.searchsorted(tap_u, torch.arange(self.U + 1))  # CPU
         self.tap_u, self.tap_k = tap_u.to(dev), tap_k.to(dev)
-        self.one_tap = bool(self.tap_ptr.diff().eq(1).all()) if self.U else True
+        self.max_taps = int(self.tap_ptr.diff().max()) if self.U else 1
+        self.one_tap = self.max_taps == 1  # every pair has >= 1 tap
 
         # Gram matrix G = C^T C, C[u, k] = 1 when tap k lands on pair u; its pseudo-inverse
         G = torch.zeros(self.KK, self.KK, dtype=torch.float64)
@@ -164,7 +165,7 @@ class _Maps:
 
     def chunks(self):
         """Ranges of local pairs whose temporaries stay under _CHUNK elements."""
-        width = self.Cout * (self.Cin if self.aligned else self.cig) * max(1, int(self.tap_ptr.diff().max()) if self.U else 1)
+        width = self.Cout * (self.Cin if self.aligned else self.cig) * self.max_taps
         step = max(1, _CHUNK // max(width, 1))
         for s in range(0, self.U, step):
             yield s, min(self.U, s + step)
@@ -432,9 +433,12 @@ def _conv_from(m: SparseEFCN) -> nn.Conv2d:
         padding = (geo.pad_h[0], geo.pad_w[0])
     else:  # only padding='same' gives asymmetric padding
         padding = "same"
+        if geo.stride != (1, 1):
+            raise ValueError(f"cannot express the padding {geo.pad_h}/{geo.pad_w} of this eFCN as an nn.Conv2d padding")
         probe = nn.Conv2d(geo.in_channels, geo.out_channels, geo.kernel_size, geo.stride, "same", geo.dilation,
                           geo.groups, device="meta")
-        if ConvGeometry.from_conv(probe, geo.input_size).pad_h != geo.pad_h or geo.stride != (1, 1):
+        same = ConvGeometry.from_conv(probe, geo.input_size)
+        if (same.pad_h, same.pad_w) != (geo.pad_h, geo.pad_w):
             raise ValueError(f"cannot express the padding {geo.pad_h}/{geo.pad_w} of this eFCN as an nn.Conv2d padding")
     w, b = cnn_kernel(m)
     conv = nn.Conv2d(geo.in_channels, geo.out_channels, geo.kernel_size, geo.stride, padding, geo.dilation,

@@ -12,6 +12,7 @@ gradient average equals the single-process mean over the global batch (to float 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import resource
 import tempfile
@@ -187,7 +188,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
         if progress is not None:
             progress(gidx.numel())
     tot_loss, tot_correct, tot_n = info.all_sum([tot_loss, tot_correct, tot_n])
-    if not all(torch.isfinite(torch.tensor([tot_loss]))):
+    if not math.isfinite(tot_loss):
         raise FloatingPointError("the training loss is not finite (diverged): lower the learning rate")
     return {"loss": tot_loss / tot_n, "acc": tot_correct / tot_n, "time_s": time.perf_counter() - t0}
 

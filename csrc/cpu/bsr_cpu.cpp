@@ -111,27 +111,28 @@ struct Seg {
   int64_t k;
 };
 
-// Calls fn(segs, K, first, last) for consecutive groups of at most kKMax K entries; `pieces`
-// yields the (a_off, w, k) pieces of block number `p` split at kKMax.
-template <typename T, typename Block, typename Fn>
-void for_each_group(int64_t p0, int64_t p1, int64_t block_k, Block block, std::vector<Seg<T>>& segs, Fn fn) {
+// Calls fn(segs, K, first, last) on consecutive groups of the K entries of blocks [p0, p1):
+// extent(p) is the in-range K of block p, make(p, k0, k) the segment of its entries [k0, k0+k).
+// Groups hold kKMax entries (the last one fewer); blocks are cut where a group fills up, so the
+// cut points depend on the layout alone.
+template <typename T, typename Extent, typename Make, typename Fn>
+void for_each_group(int64_t p0, int64_t p1, Extent extent, Make make, std::vector<Seg<T>>& segs, Fn fn) {
   segs.clear();
   int64_t K = 0;
   bool first = true;
   for (int64_t p = p0; p < p1; ++p) {
-    for (int64_t k0 = 0; k0 < block_k;) {
-      Seg<T> s = block(p, k0, std::min(block_k - k0, kKMax));  // s.k may be shorter (edge block)
-      if (s.k <= 0) break;
-      if (K + s.k > kKMax) {
+    const int64_t kp = extent(p);
+    for (int64_t k0 = 0; k0 < kp;) {
+      if (K == kKMax) {
         fn(segs, K, first, false);
         first = false;
         segs.clear();
         K = 0;
       }
-      segs.push_back(s);
-      K += s.k;
-      k0 += s.k;
-      if (s.k < std::min(block_k - k0 + s.k, kKMax)) break;  // edge block: nothing beyond its valid part
+      const int64_t k = std::min(kp - k0, kKMax - K);
+      segs.push_back(make(p, k0, k));
+      K += k;
+      k0 += k;
     }
   }
   fn(segs, K, first, true);
@@ -221,11 +222,11 @@ void forward_kernel(const T* x, const T* w, const T* bias, const int32_t* crow, 
         fill_rows(out, M, b0, b1, rows, bias_i);
         continue;
       }
-      auto block = [&](int64_t p, int64_t k0, int64_t k) {
-        const int64_t j = col[p];
-        return Seg<T>{j * BC + k0, w + p * BR * BC + k0, std::min(k, N - j * BC - k0)};
+      auto extent = [&](int64_t p) { return std::min(BC, N - col[p] * BC); };
+      auto make = [&](int64_t p, int64_t k0, int64_t k) {
+        return Seg<T>{col[p] * BC + k0, w + p * BR * BC + k0, k};
       };
-      for_each_group<T>(crow[i], crow[i + 1], BC, block, segs,
+      for_each_group<T>(crow[i], crow[i + 1], extent, make, segs,
                         [&](const std::vector<Seg<T>>& sg, int64_t K, bool first, bool last) {
         // B[q][k][n] = W[q*NR + n][k]: the group's blocks transposed, rows past `rows` zero.
         for (int64_t q = 0; q < nq; ++q) {
@@ -272,11 +273,11 @@ void grad_input_kernel(const T* dy, const T* w, const int32_t* ccol, const int32
         fill_rows<T>(out, N, b0, b1, cols, nullptr);
         continue;
       }
-      auto block = [&](int64_t k, int64_t r0, int64_t len) {
-        const int64_t i = t_row[k];
-        return Seg<T>{i * BR + r0, w + t_perm[k] * BR * BC + r0 * BC, std::min(len, M - i * BR - r0)};
+      auto extent = [&](int64_t k) { return std::min(BR, M - t_row[k] * BR); };
+      auto make = [&](int64_t k, int64_t r0, int64_t len) {
+        return Seg<T>{t_row[k] * BR + r0, w + t_perm[k] * BR * BC + r0 * BC, len};
       };
-      for_each_group<T>(ccol[j], ccol[j + 1], BR, block, segs,
+      for_each_group<T>(ccol[j], ccol[j + 1], extent, make, segs,
                         [&](const std::vector<Seg<T>>& sg, int64_t K, bool first, bool /*last*/) {
         // B[q][k][n] = W[k][q*NR + n]: rows of the group's blocks, columns past `cols` zero.
         for (int64_t q = 0; q < nq; ++q) {

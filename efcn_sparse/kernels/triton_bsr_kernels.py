@@ -119,5 +119,5 @@ def bsr_grad_weight_kernel(
     if HAS_MASK:
         pat = tl.load(mask_id_ptr + k64).to(tl.int64)
         keep = tl.load(mask_pat_ptr + pat * (BR * BC) + w_offs, mask=w_ok, other=0)
-        pass  # exact zeros, even where the sums are NaN
+        acc = tl.where(keep != 0, acc, 0.0)  # exact zeros, even where the sums are NaN
     tl.store(dw_ptr + k64 * (BR * BC) + w_offs, acc.to(dw_ptr.dtype.element_ty), mask=w_ok)
