@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .conv_geometry import ConvGeometry, Halo, build_layout, check_halo
-from .layout import _dense_budget_bytes
+from .layout import memory_budget_bytes
 from .module import SparseEFCN
 
 __all__ = ["embed", "fcn_like", "conv_input_sizes"]
@@ -151,20 +151,27 @@ def embed(model: nn.Module, input_shape, halo: Halo = 0, block_shape: BlockShape
 
 def _fresh_efcn(conv: nn.Conv2d, size, halo: Halo, block_shape, backend, generator) -> SparseEFCN:
     geo = ConvGeometry.from_conv(conv, size)
-    layout = build_layout(geo, halo, block_shape)
     w = conv.weight
+
+    def check_fits(entries: int) -> None:
+        if entries * w.element_size() > memory_budget_bytes():
+            raise MemoryError(f"the FCN of {conv} on {geo.input_size} inputs with halo={halo!r} would store "
+                              f"{entries * w.element_size() / 2**30:.2f} GiB of values, over the "
+                              f"{memory_budget_bytes() / 2**30:.2f} GiB budget; use a smaller halo or input")
+
+    if halo == "full":
+        check_fits(geo.out_features * geo.in_features)
+    layout = build_layout(geo, halo, block_shape)
     BR, BC = layout.block_shape
-    need = layout.nnzb * BR * BC * w.element_size()
-    if need > _dense_budget_bytes():
-        raise MemoryError(f"the FCN of {conv} on {geo.input_size} inputs with halo={halo!r} needs "
-                          f"{need / 2**30:.2f} GiB of values, over the {_dense_budget_bytes() / 2**30:.2f} GiB budget")
+    check_fits(layout.nnzb * BR * BC)
     # nn.Linear's init per row: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = trainable inputs
     fan = SparseEFCN._fan_in(layout).double()  # [M]
     bound = 1.0 / fan.clamp(min=1).sqrt()
     rows = layout.row_idx.long()[:, None] * BR + torch.arange(BR)[None, :]  # [nnzb, BR]
     row_bound = torch.nn.functional.pad(bound, (0, layout.n_block_rows * BR - bound.numel()))[rows]
-    u = torch.rand(layout.nnzb, BR, BC, generator=generator, dtype=torch.float64) * 2 - 1
-    values = (u * row_bound[:, :, None]).to(w.dtype)
+    cd = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
+    values = torch.rand(layout.nnzb, BR, BC, generator=generator, dtype=cd).mul_(2).sub_(1)
+    values = values.mul_(row_bound[:, :, None].to(cd)).to(w.dtype)
     bias = False
     if conv.bias is not None:
         bias = ((torch.rand(bound.numel(), generator=generator, dtype=torch.float64) * 2 - 1) * bound).to(w.dtype)
