@@ -1,4 +1,12 @@
-"""Command line: ``efcn demo`` (embed a small CNN, check equivalence, print memory)."""
+"""Command line ``efcn`` (also ``python -m efcn_sparse``).
+
+* ``efcn relax``: the relax-time protocol (CNN, eFCN relaxed at each t_w, FCN baseline) into a run dir.
+* ``efcn plot RUN_DIR``: redraw the figures; ``efcn summary RUN_DIR``: print the results table.
+* ``efcn merge RUN_DIRS... -o OUT``: join runs that split the relax times.
+* ``efcn demo``: embed a conv, check equivalence, print the memory table.
+
+Run ``efcn relax`` under ``torchrun --nproc_per_node N`` for data parallelism (gloo on CPU, NCCL on GPU).
+"""
 
 from __future__ import annotations
 
@@ -31,8 +39,164 @@ def _demo(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- parsing helpers
+def _int_list(s: str) -> List[int]:
+    try:
+        vals = [int(v) for v in s.replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,3, got {s!r}") from None
+    if not vals:
+        raise argparse.ArgumentTypeError("expected at least one relax time")
+    return vals
+
+
+def _halo(s: str):
+    if s == "full":
+        return s
+    try:
+        h = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'full' or an integer >= 0, got {s!r}") from None
+    if h < 0:
+        raise argparse.ArgumentTypeError(f"expected 'full' or an integer >= 0, got {s!r}")
+    return h
+
+
+def _block_shape(s: str):
+    try:
+        br, bc = (int(v) for v in s.lower().replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BR,BC such as 64,16, got {s!r}") from None
+    return (br, bc)
+
+
+def _positive(kind):
+    def parse(s: str):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"expected a value > 0, got {s!r}")
+        return v
+
+    return parse
+
+
+def _non_negative(kind):
+    def parse(s: str):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"expected a value >= 0, got {s!r}")
+        return v
+
+    return parse
+
+
+def _add_relax(sub) -> None:
+    from .protocol import RelaxConfig
+
+    d = RelaxConfig()
+    p = sub.add_parser(
+        "relax", help="run the relax-time protocol (CNN, eFCN at each relax time, FCN baseline)",
+        description="Train the CNN for EPOCHS epochs, relax it into an eFCN at each relax time t_w and keep "
+                    "training in FCN space, and train the FCN baseline; write metrics, summary and figures.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=d.model,
+                   help="skinny (the paper's small CNN), alexnet, resnet18, vgg, or module:function for your own "
+                        "(called with in_channels, image_size, num_classes, width as its signature accepts)")
+    g.add_argument("--width", type=_positive(int), default=d.width, help="channels (of the first stage); default: the model's")
+    g.add_argument("--halo", type=_halo, default=d.halo,
+                   help="'full': the paper's eFCN; an integer h: receptive fields plus h pixels (0: the eLCN)")
+    g.add_argument("--block-shape", type=_block_shape, default=None, help="BR,BC of the sparse blocks (default: automatic)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=d.dataset, help="fashion-mnist, mnist, cifar10 or synthetic")
+    g.add_argument("--data-dir", default=None,
+                   help="where the data set is (idx files, or torchvision's folders); fashion-mnist also looks in "
+                        "/usr/share/datasets/fashion-mnist and data/fashion-mnist")
+    g.add_argument("--download", action="store_true", help="let torchvision download a missing data set into --data-dir")
+    g.add_argument("--train-size", type=_positive(int), default=None, help="random training subset (the authors' data_size)")
+    g.add_argument("--test-size", type=_positive(int), default=None, help="random test subset")
+    g.add_argument("--image-size", type=_positive(int), default=None, help="image side of the synthetic data set")
+    g = p.add_argument_group("protocol")
+    g.add_argument("--epochs", type=_positive(int), default=d.epochs, help="T: the training budget of every arm")
+    g.add_argument("--relax-times", type=_int_list, default=None,
+                   help="comma-separated relax times t_w (default: 0 and N_RELAX log-spaced points up to EPOCHS); "
+                        "split them across jobs and join the runs with `efcn merge`")
+    g.add_argument("--n-relax", type=_positive(int), default=d.n_relax, help="points of the default log-spaced grid")
+    g.add_argument("--after", type=_non_negative(int), default=None,
+                   help="epochs of eFCN training after each relax time (default: EPOCHS - t_w)")
+    g.add_argument("--no-fcn", dest="fcn", action="store_false", help="skip the FCN baseline (e.g. in all but one split job)")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--optimizer", choices=("sgd", "adam"), default=d.optimizer)
+    g.add_argument("--lr", type=_positive(float), default=d.lr)
+    g.add_argument("--momentum", type=_non_negative(float), default=d.momentum, help="SGD momentum")
+    g.add_argument("--weight-decay", type=_non_negative(float), default=d.weight_decay)
+    g.add_argument("--batch-size", type=_positive(int), default=d.batch_size, help="global batch (split across ranks)")
+    g.add_argument("--eval-batch-size", type=_positive(int), default=d.eval_batch_size)
+    g.add_argument("--seed", type=int, default=d.seed)
+    g = p.add_argument_group("execution")
+    g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 (torchrun: each rank its local GPU)")
+    g.add_argument("--backend", default=None, help="kernel backend: auto, reference, cpu, triton, cuda")
+    g.add_argument("--out", "-o", default="runs/relax", help="run directory")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out (or start it when empty)")
+    g.add_argument("--force", action="store_true", help="overwrite the run in --out")
+    g.add_argument("--no-plots", dest="plots", action="store_false", help="skip the figures")
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress bars or log lines")
+    p.set_defaults(func=_relax)
+
+
+def _relax(args) -> int:
+    from .protocol import RelaxConfig, relax
+
+    cfg = RelaxConfig(model=args.model, width=args.width, dataset=args.dataset, data_dir=args.data_dir,
+                      download=args.download, train_size=args.train_size, test_size=args.test_size,
+                      image_size=args.image_size, epochs=args.epochs, relax_times=args.relax_times,
+                      n_relax=args.n_relax, after=args.after, halo=args.halo, block_shape=args.block_shape,
+                      fcn=args.fcn, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+                      weight_decay=args.weight_decay, batch_size=args.batch_size,
+                      eval_batch_size=args.eval_batch_size, seed=args.seed, device=args.device, backend=args.backend)
+    res = relax(cfg, out=args.out, resume=args.resume, force=args.force, quiet=args.quiet, plots=args.plots)
+    import os
+
+    if not args.quiet and int(os.environ.get("RANK", "0")) == 0:
+        print(res["markdown"], end="")
+    return 0
+
+
+def _plot(args) -> int:
+    from .plots import plot_run
+
+    for p in plot_run(args.run_dir, args.out):
+        print(p)
+    return 0
+
+
+def _summary(args) -> int:
+    from .protocol import summarize
+
+    print(summarize(args.run_dir)["markdown"], end="")
+    return 0
+
+
+def _merge(args) -> int:
+    from .protocol import merge
+
+    res = merge(args.run_dirs, args.out, force=args.force, plots=args.plots)
+    print(res["markdown"], end="")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="efcn", description=__doc__)
+    from .data import DataError
+    from .protocol import RunError
+
+    parser = argparse.ArgumentParser(prog="efcn", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="embed a conv, check equivalence, print the memory table")
     demo.add_argument("--channels", type=int, default=16)
@@ -40,8 +204,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo.add_argument("--batch", type=int, default=8)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+    _add_relax(sub)
+    p = sub.add_parser("plot", help="redraw the figures of a run directory")
+    p.add_argument("run_dir")
+    p.add_argument("--out", "-o", default=None, help="folder for the PNGs (default RUN_DIR/figures)")
+    p.set_defaults(func=_plot)
+    p = sub.add_parser("summary", help="print the results table of a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_summary)
+    p = sub.add_parser("merge", help="join runs that split the relax times into one run directory")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--out", "-o", required=True)
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
+    p.add_argument("--no-plots", dest="plots", action="store_false")
+    p.set_defaults(func=_merge)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (RunError, DataError, FloatingPointError, MemoryError) as e:
+        print(f"efcn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"efcn {args.command}: interrupted (continue with --resume)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

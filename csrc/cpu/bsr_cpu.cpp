@@ -292,7 +292,7 @@ void grad_input_kernel(const T* dy, const T* w, const int32_t* ccol, const int32
             }
           }
         }
-        row_task_gemm(dy, M, b0, b1, sg, K, bpack.data(), nq, out, N, cols, !first, nullptr, apack.data(), kern);
+        row_task_gemm<T>(dy, M, b0, b1, sg, K, bpack.data(), nq, out, N, cols, !first, nullptr, apack.data(), kern);
       });
     }
   });
