@@ -71,7 +71,7 @@ def _weight_grad_in_kernel_shape(m: SparseEFCN, dense_grad: torch.Tensor) -> tor
     return out
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
 @given(conv_configs(), st.sampled_from([torch.float32, torch.float64]))
 def test_efcn_matches_conv_outputs_and_gradients(case, dtype):
     cfg, size, batch = case
