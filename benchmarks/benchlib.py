@@ -258,8 +258,9 @@ def layer_state(case: LayerCase) -> LayerState:
 
 
 def release_state() -> None:
-    _STATE.clear()
-    gc.collect()
+    if _STATE:
+        _STATE.clear()
+        gc.collect()
 
 
 # ----------------------------------------------------------------------------- timing harness

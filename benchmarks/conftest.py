@@ -62,6 +62,13 @@ def pytest_collection_modifyitems(session, config, items):
         items[:] = [it for it in items if it not in late] + late
 
 
+def pytest_runtest_logreport(report):
+    """Keep why each benchmark was skipped (an anchor that does not fit, ...) for the report."""
+    if report.skipped and report.when in ("setup", "call"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        bl.RECORDS.setdefault("skipped", {})[report.nodeid.split("::")[-1]] = reason.replace("Skipped: ", "")
+
+
 def pytest_sessionstart(session):
     _SESSION["t0"] = time.time()
     _SESSION["load_start"] = os.getloadavg()

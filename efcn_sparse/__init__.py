@@ -15,6 +15,12 @@ from .backends import available_backends, get_default_backend, set_default_backe
 from .conv_geometry import ConvGeometry  # noqa: E402
 from .layout import BSRLayout, LayoutError  # noqa: E402
 from .module import SparseEFCN  # noqa: E402
+from . import models  # noqa: E402
+from .embedding import embed, fcn_like  # noqa: E402
+from .interpolation import interpolate, interpolate_curvilinear, interpolate_linear  # noqa: E402
+from .models import get_model  # noqa: E402
+from .subspace import deviation, project, to_cnn  # noqa: E402
+from .summary import summary  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -28,4 +34,15 @@ __all__ = [
     "set_default_backend",
     "backends",
     "ops",
+    "embed",
+    "fcn_like",
+    "project",
+    "to_cnn",
+    "deviation",
+    "interpolate",
+    "interpolate_linear",
+    "interpolate_curvilinear",
+    "summary",
+    "get_model",
+    "models",
 ]

@@ -142,6 +142,8 @@ def _add_relax(sub) -> None:
     g = p.add_argument_group("execution")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 (torchrun: each rank its local GPU)")
     g.add_argument("--backend", default=None, help="kernel backend: auto, reference, cpu, triton, cuda")
+    g.add_argument("--threads", type=_positive(int), default=None,
+                   help="CPU threads per process (default: torch's; 1 avoids oversubscription on a busy machine)")
     g.add_argument("--out", "-o", default="runs/relax", help="run directory")
     g.add_argument("--resume", action="store_true", help="continue the run in --out (or start it when empty)")
     g.add_argument("--force", action="store_true", help="overwrite the run in --out")
@@ -159,7 +161,8 @@ def _relax(args) -> int:
                       n_relax=args.n_relax, after=args.after, halo=args.halo, block_shape=args.block_shape,
                       fcn=args.fcn, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
                       weight_decay=args.weight_decay, batch_size=args.batch_size,
-                      eval_batch_size=args.eval_batch_size, seed=args.seed, device=args.device, backend=args.backend)
+                      eval_batch_size=args.eval_batch_size, seed=args.seed, device=args.device, backend=args.backend,
+                      threads=args.threads)
     res = relax(cfg, out=args.out, resume=args.resume, force=args.force, quiet=args.quiet, plots=args.plots)
     import os
 

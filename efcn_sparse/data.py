@@ -172,10 +172,13 @@ def _download(name: str, data_dir: Optional[str]) -> str:
 
 def _load_idx_dataset(name: str, data_dir: Optional[str]):
     looked = _candidates(name, data_dir)
+    if not looked:
+        raise DataError(f"{name} needs --data-dir (nothing is downloaded unless --download is given); "
+                        f"to get it: {_HOW_TO_GET[name]}")
     for folder in looked:
         if _idx_folder_ok(folder):
             return _read_idx_split(folder, "train"), _read_idx_split(folder, "test"), folder
-    where = "\n  ".join(looked) if looked else "(no --data-dir given)"
+    where = "\n  ".join(looked)
     raise DataError(f"{name} not found; looked for the four idx files in:\n  {where}\nTo get it: {_HOW_TO_GET[name]}")
 
 
@@ -211,7 +214,7 @@ def _load_cifar10(data_dir: Optional[str]):
 
 
 # ---------------------------------------------------------------------------------------- synthetic
-def synthetic(n: int, image_size: int = 16, num_classes: int = 4, template_size: int = 5, noise: float = 0.6,
+def synthetic(n: int, image_size: int = 16, num_classes: int = 4, template_size: int = 5, noise: float = 0.4,
               seed: int = 0, split: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """A translation-structured task: each class has a random template pasted at a random position.
 

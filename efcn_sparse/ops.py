@@ -39,8 +39,8 @@ def _check_blocks(name: str, n: int, block: int, n_blocks: int) -> None:
         raise ValueError(f"{name}: {n} features do not fit {n_blocks} blocks of {block}")
 
 
-def _kernels(backend: str, device: torch.device):
-    return backends.kernels(backends.resolve(backend, device))
+def _kernels(backend: str, device: torch.device, **shape_class):
+    return backends.kernels(backends.resolve(backend, device, **shape_class))
 
 
 # --------------------------------------------------------------------------- forward
@@ -64,7 +64,7 @@ def bsr_linear(
     _check_operand("input", x, x.shape[1], values)
     _check_blocks("input", x.shape[1], values.shape[2], ccol_ptr.numel() - 1)
     _check_blocks("output", M, values.shape[1], crow_ptr.numel() - 1)
-    k = _kernels(backend, x.device)
+    k = _kernels(backend, x.device, op="forward", dtype=x.dtype, batch=x.shape[0], block_shape=values.shape[1:])
     if x.shape[0] == 0:
         return x.new_empty(0, M)
     return k.forward(x.contiguous(), values.contiguous(), None if bias is None else bias.contiguous(),
@@ -109,7 +109,8 @@ def bsr_grad_input(dy: Tensor, values: Tensor, ccol_ptr: Tensor, t_row_idx: Tens
     _check_blocks("grad_input", N, values.shape[2], ccol_ptr.numel() - 1)
     if dy.shape[0] == 0:
         return dy.new_zeros(0, N)
-    return _kernels(backend, dy.device).grad_input(dy.contiguous(), values.contiguous(), ccol_ptr, t_row_idx, t_perm, N)
+    k = _kernels(backend, dy.device, op="grad_input", dtype=dy.dtype, batch=dy.shape[0], block_shape=values.shape[1:])
+    return k.grad_input(dy.contiguous(), values.contiguous(), ccol_ptr, t_row_idx, t_perm, N)
 
 
 @bsr_grad_input.register_fake
@@ -128,8 +129,8 @@ def bsr_grad_weight(dy: Tensor, x: Tensor, row_idx: Tensor, col_idx: Tensor, mas
         raise TypeError(f"grad_weight: dy dtype {dy.dtype} differs from x dtype {x.dtype}")
     if dy.shape[0] == 0:
         return dy.new_zeros(row_idx.numel(), BR, BC)
-    return _kernels(backend, dy.device).grad_weight(dy.contiguous(), x.contiguous(), row_idx, col_idx, mask_ids,
-                                                    mask_patterns, BR, BC)
+    k = _kernels(backend, dy.device, op="grad_weight", dtype=dy.dtype, batch=dy.shape[0], block_shape=(BR, BC))
+    return k.grad_weight(dy.contiguous(), x.contiguous(), row_idx, col_idx, mask_ids, mask_patterns, BR, BC)
 
 
 @bsr_grad_weight.register_fake

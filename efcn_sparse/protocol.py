@@ -82,6 +82,7 @@ class RelaxConfig:
     seed: int = 0
     device: str = "auto"
     backend: Optional[str] = None
+    threads: Optional[int] = None  # torch CPU threads (None: torch's default)
 
     def validate(self) -> "RelaxConfig":
         from .backends import CHOICES
@@ -129,7 +130,7 @@ class RelaxConfig:
             bad(f"--momentum and --weight-decay must be >= 0, got {self.momentum}, {self.weight_decay}")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             bad(f"--batch-size must be >= 1, got {self.batch_size}")
-        for name in ("train_size", "test_size", "image_size"):
+        for name in ("train_size", "test_size", "image_size", "threads"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 bad(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -156,7 +157,7 @@ class RelaxConfig:
 
 
 # may differ between a run and its resumption (they do not change the numbers, or only by rounding)
-_NOT_COMPARED = {"device", "backend", "data_dir", "download", "eval_batch_size"}
+_NOT_COMPARED = {"device", "backend", "data_dir", "download", "eval_batch_size", "threads"}
 # may differ between runs that are merged
 _MERGE_FREE = _NOT_COMPARED | {"relax_times", "n_relax", "fcn"}
 
@@ -564,6 +565,8 @@ def relax(config: Optional[RelaxConfig] = None, out: str = "runs/relax", resume:
     if model_fn is not None and cfg.model == RelaxConfig.model:
         cfg.model = f"<python:{getattr(model_fn, '__qualname__', 'model_fn')}>"
     cfg.validate()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     try:
         info = T.setup_distributed(cfg.device)
     except ValueError as e:
@@ -580,6 +583,7 @@ def relax(config: Optional[RelaxConfig] = None, out: str = "runs/relax", resume:
                 raise RunError(str(e)) from e
         run = _Run(cfg, out, info, quiet, model_fn)
         run.load_data()
+        run.new_cnn()  # a bad model fails here, before anything is written
         if info.is_main:
             if force:
                 _clear_artifacts(out)

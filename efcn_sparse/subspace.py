@@ -36,8 +36,9 @@ from .module import SparseEFCN
 
 __all__ = ["project", "to_cnn", "deviation", "cnn_kernel", "project_values", "clear_cache"]
 
-_CHUNK = 1 << 22  # elements per temporary (float64: 32 MiB)
+_CHUNK = 1 << 20  # elements per temporary (float64: 8 MiB)
 _FLAT_CACHE_MAX = 1 << 22  # cache per-entry indices of non-aligned layers up to this many entries
+_TABLE_MAX = 1 << 22  # cache per-pixel-pair codes of non-aligned layers up to this many pairs
 _cache: "weakref.WeakKeyDictionary[SparseEFCN, tuple]" = weakref.WeakKeyDictionary()
 
 
@@ -51,7 +52,14 @@ def _group_ok(Cout: int, Cin: int, g: int, r: Tensor, c: Tensor) -> Tensor:
 
 
 class _Maps:
-    """Index maps of one SparseEFCN: local pixel pairs, taps, value gather/scatter, block codes."""
+    """Index maps of one SparseEFCN (built once, cached).
+
+    Local entries are handled per local pixel pair u (a pair read by at least one tap), as rows
+    X[u] of a "local space": for pixel-aligned tiles the T stored blocks of the pair (in-group
+    tiles, D = T*BR*BC), otherwise the Cout x Cin/g entries gathered one by one (D = Cout*cig).
+    C[u, k] counts the taps of offset k landing on pair u, so E K = C (K in local space) and
+    E^T W = C^T X.
+    """
 
     def __init__(self, m: SparseEFCN):
         geo: ConvGeometry = m.geometry
@@ -75,22 +83,25 @@ class _Maps:
         order = torch.argsort(tap_u, stable=True)
         tap_u, tap_k = tap_u[order], (kh * KW + kw)[order]
         self.U = pairs.numel()
-        self.pairs = pairs  # sorted keys p_out * P_in + p_in (CPU)
         self.tap_ptr = torch.searchsorted(tap_u, torch.arange(self.U + 1))  # CPU
-        self.tap_u, self.tap_k = tap_u.to(dev), tap_k.to(dev)
         self.max_taps = int(self.tap_ptr.diff().max()) if self.U else 1
-        self.one_tap = self.max_taps == 1  # every pair has >= 1 tap
+        self.pairs = pairs  # keys p_out * P_in + p_in of the local-space rows, in row order (CPU)
+        if self.max_taps == 1:
+            # one tap per pair (e.g. zeros padding): order the rows by offset, so that E^T and E
+            # act on contiguous segments (sums and broadcasts instead of matmuls)
+            perm = torch.argsort(tap_k, stable=True)
+            self.pairs, tap_k = pairs[perm], tap_k[perm]
+            self.k_ptr = torch.searchsorted(tap_k, torch.arange(self.KK + 1)).tolist()
+        self.tap_u, self.tap_k = tap_u.to(dev), tap_k.to(dev)
 
-        # Gram matrix G = C^T C, C[u, k] = 1 when tap k lands on pair u; its pseudo-inverse
+        # Gram matrix G = C^T C and its pseudo-inverse
         G = torch.zeros(self.KK, self.KK, dtype=torch.float64)
-        if self.one_tap:
+        if self.max_taps == 1:
             G.diagonal().copy_(torch.bincount(tap_k, minlength=self.KK).double())
         else:
             step = max(1, _CHUNK // self.KK)
             for s in range(0, self.U, step):
-                t0, t1 = int(self.tap_ptr[s]), int(self.tap_ptr[min(s + step, self.U)])
-                C = torch.zeros(min(step, self.U - s), self.KK, dtype=torch.float64)
-                C.index_put_((tap_u[t0:t1] - s, tap_k[t0:t1]), torch.ones(t1 - t0, dtype=torch.float64), accumulate=True)
+                C = self._counts(s, min(s + step, self.U), tap_u, tap_k)
                 G += C.T @ C
         self.G = G
         if bool((G - torch.diag(G.diagonal())).eq(0).all()):
@@ -101,32 +112,56 @@ class _Maps:
         self.Ginv = Ginv.to(dev)
 
         # where each local entry lives in values
-        stored = lay.row_idx.long().cpu() * lay.n_block_cols + lay.col_idx.long().cpu()  # sorted
-        self._stored = stored
+        self._stored = lay.row_idx.long().cpu() * lay.n_block_cols + lay.col_idx.long().cpu()  # sorted
         self.aligned = self.Cout % self.BR == 0 and self.Cin % self.BC == 0
-        ppo, ppi = pairs // self.P_in, pairs % self.P_in
+        ppo, ppi = self.pairs // self.P_in, self.pairs % self.P_in
         if self.aligned:
             ta, tb = self.Cout // self.BR, self.Cin // self.BC
             self.ta, self.tb = ta, tb
             in_group = _group_ok(self.Cout, self.Cin, self.g, torch.arange(self.Cout)[:, None], torch.arange(self.Cin)[None, :])
-            a, b = torch.nonzero(in_group.reshape(ta, self.BR, tb, self.BC).any(3).any(1), as_tuple=True)
+            tiles = in_group.reshape(ta, self.BR, tb, self.BC).permute(0, 2, 1, 3)  # [ta, tb, BR, BC]
+            a, b = torch.nonzero(tiles.any(3).any(2), as_tuple=True)
             self.tile_a, self.tile_b = a.to(dev), b.to(dev)
+            self.tile_mask = None if self.g == 1 else tiles[a, b].reshape(-1).to(dev)  # [T*BR*BC]
             blk = self._lookup((ppo[:, None] * ta + a).reshape(-1), (ppi[:, None] * tb + b).reshape(-1))
             self.blk = blk.reshape(self.U, a.numel()).to(dev)
-        else:
-            self.flat = None
-            if self.U * self.Cout * self.cig <= _FLAT_CACHE_MAX:
-                self.flat = self._flat_index(0, self.U).to(dev)
-        self._pairs_dev = pairs.to(dev)
-
-        # per-block locality and distance codes (aligned: a block lies inside one pixel pair)
-        if self.aligned:
+            self.D = a.numel() * self.BR * self.BC
+            # per-block locality and distance codes (a block lies inside one pixel pair)
             bpo = lay.row_idx.long().cpu() * self.BR // self.Cout
             bpi = lay.col_idx.long().cpu() * self.BC // self.Cin
             local, dist = self._codes(bpo, bpi, pairs)
-            self.block_local, self.block_dist = local.to(dev), dist.to(dev)
+            off = torch.nonzero(~local).reshape(-1)
+            self.off_blocks, self.off_dist = off.to(dev), dist[off].to(dev)
+        else:
+            self.D = self.Cout * self.cig
+            self.flat = self._flat_index(0, self.U).to(dev) if self.U * self.D <= _FLAT_CACHE_MAX else None
+        self._pairs_dev = pairs.to(dev)
+        if not self.aligned:
+            # code per pixel pair (-1: local, else distance), as a table when small, and the blocks
+            # holding off-local entries
+            P_out = geo.out_size[0] * geo.out_size[1]
+            self.code_table = None
+            if P_out * self.P_in <= _TABLE_MAX:
+                po_all = torch.arange(P_out)[:, None].expand(-1, self.P_in)
+                pi_all = torch.arange(self.P_in)[None, :].expand(P_out, -1)
+                local, dist = self._codes(po_all, pi_all, pairs)
+                self.code_table = torch.where(local, -1, dist).to(torch.int16).to(dev)
+            lay_dev = lay.to(dev)
+            step = max(1, _CHUNK // (self.BR * self.BC))
+            has_off = [((self.block_codes(lay_dev, idx) >= 0) & self._block_mask(lay_dev, idx)).flatten(1).any(1)
+                       for idx in torch.arange(lay.nnzb, device=dev).split(step)]
+            self.off_blocks = torch.nonzero(torch.cat(has_off)).reshape(-1) if has_off else \
+                torch.zeros(0, dtype=torch.int64, device=dev)
 
     # ---------------------------------------------------------------- index helpers
+    def _counts(self, u0: int, u1: int, tap_u: Optional[Tensor] = None, tap_k: Optional[Tensor] = None) -> Tensor:
+        """C[u0:u1] as [u, KK] float64 (taps of each offset landing on each pair)."""
+        tap_u = self.tap_u if tap_u is None else tap_u
+        tap_k = self.tap_k if tap_k is None else tap_k
+        t0, t1 = int(self.tap_ptr[u0]), int(self.tap_ptr[u1])
+        C = torch.zeros(u1 - u0, self.KK, dtype=torch.float64, device=tap_u.device)
+        return C.index_put_((tap_u[t0:t1] - u0, tap_k[t0:t1]), C.new_ones(t1 - t0), accumulate=True)
+
     def _lookup(self, brow: Tensor, bcol: Tensor) -> Tensor:
         key = brow * ((self.N + self.BC - 1) // self.BC) + bcol
         st = self._stored
@@ -136,7 +171,7 @@ class _Maps:
         return pos
 
     def _flat_index(self, u0: int, u1: int) -> Tensor:
-        """[u, Cout, cig] index into values.view(-1) of the local entries of pairs u0:u1."""
+        """[u, Cout * cig] index into values.view(-1) of the local entries of pairs u0:u1."""
         pairs = self.pairs[u0:u1]
         ppo, ppi = pairs // self.P_in, pairs % self.P_in
         co = torch.arange(self.Cout)
@@ -145,7 +180,7 @@ class _Maps:
         c = ppi[:, None, None] * self.Cin + ci[None]
         blk = self._lookup((r // self.BR).reshape(-1), (c // self.BC).reshape(-1))
         flat = blk * (self.BR * self.BC) + (r % self.BR).reshape(-1) * self.BC + (c % self.BC).reshape(-1)
-        return flat.reshape(-1, self.Cout, self.cig)
+        return flat.reshape(-1, self.D)
 
     def _codes(self, po: Tensor, pi: Tensor, pairs: Tensor):
         """(local, distance) of pixel pairs: local = some tap reads p_in for p_out; distance = Chebyshev
@@ -163,72 +198,135 @@ class _Maps:
             dist = torch.maximum(dist, torch.maximum(lo - x, x - hi).clamp(min=0))
         return local, dist
 
+    def _block_mask(self, lay, idx: Tensor) -> Tensor:
+        """[k, BR, BC] entries of blocks ``idx`` that may be non-zero (the layout's element mask)."""
+        if lay.mask_ids is None:
+            return torch.ones(idx.numel(), self.BR, self.BC, dtype=torch.bool, device=idx.device)
+        return lay.mask_patterns[lay.mask_ids[idx].long()]
+
+    def block_codes(self, lay, idx: Tensor) -> Tensor:
+        """[k, BR, BC] code of each entry of blocks ``idx`` (non-aligned layouts): -1 local, else the
+        off-local distance (entries outside the matrix get their nearest pixel's code; they are masked)."""
+        dev = idx.device
+        rows = lay.row_idx[idx].long()[:, None] * self.BR + torch.arange(self.BR, device=dev)
+        cols = lay.col_idx[idx].long()[:, None] * self.BC + torch.arange(self.BC, device=dev)
+        po = (rows // self.Cout).clamp(max=self.M // self.Cout - 1)
+        pi = (cols // self.Cin).clamp(max=self.P_in - 1)
+        if self.code_table is not None:
+            return self.code_table[po[:, :, None], pi[:, None, :]]
+        local, dist = self._codes(po[:, :, None], pi[:, None, :], self._pairs_dev)
+        return torch.where(local, -1, dist)
+
+    def segments(self, u0: int, u1: int):
+        """(k, a, b): rows u0+a : u0+b all have their one tap at offset k (only when max_taps == 1)."""
+        for k in range(self.KK):
+            a, b = max(u0, self.k_ptr[k]), min(u1, self.k_ptr[k + 1])
+            if a < b:
+                yield k, a - u0, b - u0
+
     def chunks(self):
         """Ranges of local pairs whose temporaries stay under _CHUNK elements."""
-        width = self.Cout * (self.Cin if self.aligned else self.cig) * self.max_taps
-        step = max(1, _CHUNK // max(width, 1))
+        step = max(1, _CHUNK // max(self.D, 1))
         for s in range(0, self.U, step):
             yield s, min(self.U, s + step)
 
-    # ---------------------------------------------------------------- gather / scatter
-    def gather(self, values: Tensor, u0: int, u1: int) -> Tensor:
-        """Local entries of pairs u0:u1 as [u, Cout * cig] float64."""
+    # ---------------------------------------------------------------- local space
+    def _index(self, u0: int, u1: int, device) -> Tensor:
         if self.aligned:
-            u = u1 - u0
-            tiles = values[self.blk[u0:u1]].double()  # [u, T, BR, BC]
-            if self.g == 1:
-                full = tiles.reshape(u, self.ta, self.tb, self.BR, self.BC)
-            else:
-                full = tiles.new_zeros(u, self.ta, self.tb, self.BR, self.BC)
-                full[:, self.tile_a, self.tile_b] = tiles
-            full = full.permute(0, 1, 3, 2, 4).reshape(u, self.Cout, self.Cin)
-            if self.g > 1:
-                full = full.reshape(u, self.g, self.cog, self.g, self.cig).diagonal(dim1=1, dim2=3)  # [u, cog, cig, g]
-                full = full.permute(0, 3, 1, 2)
-            return full.reshape(u, self.Cout * self.cig)
-        flat = self.flat[u0:u1] if self.flat is not None else self._flat_index(u0, u1).to(values.device)
-        return values.reshape(-1)[flat.reshape(-1)].double().reshape(u1 - u0, self.Cout * self.cig)
+            return self.blk[u0:u1].reshape(-1)
+        flat = self.flat[u0:u1] if self.flat is not None else self._flat_index(u0, u1).to(device)
+        return flat.reshape(-1)
 
-    def scatter(self, out: Tensor, u0: int, u1: int, local: Tensor) -> None:
-        """Write local entries [u, Cout * cig] of pairs u0:u1 into ``out`` (values layout)."""
-        u = u1 - u0
-        local = local.to(out.dtype).reshape(u, self.Cout, self.cig)
-        if self.aligned:
-            if self.g > 1:
-                full = local.new_zeros(u, self.g, self.cog, self.g, self.cig)
-                full.diagonal(dim1=1, dim2=3).copy_(local.reshape(u, self.g, self.cog, self.cig).permute(0, 2, 3, 1))
-                local = full
-            tiles = local.reshape(u, self.ta, self.BR, self.tb, self.BC).permute(0, 1, 3, 2, 4)
-            out[self.blk[u0:u1]] = tiles[:, self.tile_a, self.tile_b]
-            return
-        flat = self.flat[u0:u1] if self.flat is not None else self._flat_index(u0, u1).to(out.device)
-        out.view(-1)[flat.reshape(-1)] = local.reshape(-1)
+    def _rows(self, values: Tensor) -> Tensor:
+        """``values`` viewed as the rows ``_index`` selects (blocks, or single entries)."""
+        return values if self.aligned else values.reshape(-1)
 
-    def taps(self, u0: int, u1: int):
-        t0, t1 = int(self.tap_ptr[u0]), int(self.tap_ptr[u1])
-        return self.tap_u[t0:t1] - u0, self.tap_k[t0:t1]
+    def gather(self, values: Tensor, u0: int, u1: int, ws: "_Workspace") -> Tensor:
+        """X[u0:u1] as [u, D] float64 (in a workspace buffer, valid until the next gather)."""
+        n = (u1 - u0) * self.D
+        idx = self._index(u0, u1, values.device)
+        raw = ws.get("raw", n, values.dtype, values.device)
+        torch.index_select(self._rows(values), 0, idx, out=raw.view((idx.numel(),) + tuple(values.shape[1:]) if self.aligned else (-1,)))
+        x = ws.get("x", n, torch.float64, values.device).copy_(raw).view(u1 - u0, self.D)
+        return x if not self.aligned or self.tile_mask is None else x.mul_(self.tile_mask)
+
+    def scatter(self, out: Tensor, u0: int, u1: int, x: Tensor, ws: "_Workspace") -> None:
+        """Write X[u0:u1] ([u, D]) into ``out`` (values layout)."""
+        idx = self._index(u0, u1, out.device)
+        raw = ws.get("raw", x.numel(), out.dtype, out.device).copy_(x.reshape(-1))
+        self._rows(out).index_copy_(0, idx, raw.view((idx.numel(),) + tuple(out.shape[1:]) if self.aligned else (-1,)))
+
+    def to_space(self, K: Tensor) -> Tensor:
+        """Kernel [KK, Cout * cig] -> [KK, D] (local space of one pair)."""
+        if not self.aligned:
+            return K
+        KK, g, cog, cig = self.KK, self.g, self.cog, self.cig
+        full = K.new_zeros(KK, g, cog, g, cig)
+        full.diagonal(dim1=1, dim2=3).copy_(K.reshape(KK, g, cog, cig).permute(0, 2, 3, 1))
+        tiles = full.reshape(KK, self.ta, self.BR, self.tb, self.BC).permute(0, 1, 3, 2, 4)
+        return tiles[:, self.tile_a, self.tile_b].reshape(KK, self.D)
+
+    def from_space(self, B: Tensor) -> Tensor:
+        """[KK, D] -> kernel layout [KK, Cout * cig] (the adjoint of ``to_space``)."""
+        if not self.aligned:
+            return B
+        KK, g, cog, cig = self.KK, self.g, self.cog, self.cig
+        tiles = B.new_zeros(KK, self.ta, self.tb, self.BR, self.BC)
+        tiles[:, self.tile_a, self.tile_b] = B.reshape(KK, -1, self.BR, self.BC)
+        full = tiles.permute(0, 1, 3, 2, 4).reshape(KK, g, cog, g, cig)
+        return full.diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(KK, self.Cout * cig)
 
     # ---------------------------------------------------------------- the projection
-    def adjoint(self, values: Tensor) -> Tensor:
-        """E^T W as [KK, Cout * cig] float64."""
-        b = torch.zeros(self.KK, self.Cout * self.cig, dtype=torch.float64, device=values.device)
+    def kernel(self, values: Tensor, ws: "_Workspace"):
+        """(K = G^+ E^T W as [KK, Cout * cig] float64, ||W_local||^2)."""
+        b = torch.zeros(self.KK, self.D, dtype=torch.float64, device=values.device)
+        local2 = torch.zeros((), dtype=torch.float64, device=values.device)
         for u0, u1 in self.chunks():
-            loc = self.gather(values, u0, u1)
-            tu, tk = self.taps(u0, u1)
-            b.index_add_(0, tk, loc if self.one_tap else loc[tu])
-        return b
+            x = self.gather(values, u0, u1, ws)
+            local2 += x.reshape(-1) @ x.reshape(-1)
+            if self.max_taps == 1:
+                for k, a, e in self.segments(u0, u1):
+                    b[k] += x[a:e].sum(0)
+            else:
+                b.addmm_(self._counts(u0, u1).T, x)
+        return self.Ginv @ self.from_space(b), local2
 
-    def kernel(self, values: Tensor) -> Tensor:
-        """K = G^+ E^T W as [KK, Cout * cig] float64: the conv kernel of the projection."""
-        return self.Ginv @ self.adjoint(values)
+    def embed_local(self, Ks: Tensor, u0: int, u1: int, ws: "_Workspace") -> Tensor:
+        """(E K)[u0:u1] as [u, D] (workspace buffer), K given in local space (``to_space``)."""
+        out = ws.get("ek", (u1 - u0) * self.D, torch.float64, Ks.device).view(u1 - u0, self.D)
+        if self.max_taps == 1:
+            for k, a, e in self.segments(u0, u1):
+                out[a:e] = Ks[k]
+            return out
+        return torch.mm(self._counts(u0, u1), Ks, out=out)
 
-    def embed_local(self, K: Tensor, u0: int, u1: int) -> Tensor:
-        """(E K) on pairs u0:u1 as [u, Cout * cig]."""
-        tu, tk = self.taps(u0, u1)
-        if self.one_tap:
-            return K[tk]
-        out = K.new_zeros(u1 - u0, K.shape[1])
-        return out.index_add_(0, tu, K[tk])
+    def residual2(self, values: Tensor, Ks: Tensor, ws: "_Workspace") -> Tensor:
+        """||X - E K||^2 over the local entries (K in local space)."""
+        resid = torch.zeros((), dtype=torch.float64, device=values.device)
+        for u0, u1 in self.chunks():
+            x = self.gather(values, u0, u1, ws)
+            if self.max_taps == 1:
+                for k, a, e in self.segments(u0, u1):
+                    x[a:e] -= Ks[k]
+            else:
+                x -= self.embed_local(Ks, u0, u1, ws)
+            resid += x.reshape(-1) @ x.reshape(-1)
+        return resid
+
+
+class _Workspace:
+    """Reusable flat buffers, so chunked loops do not allocate (and page-fault) on every chunk."""
+
+    def __init__(self):
+        self._bufs: Dict[tuple, Tensor] = {}
+
+    def get(self, name: str, n: int, dtype, device) -> Tensor:
+        key = (name, dtype, torch.device(device))
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(n, 1), dtype=dtype, device=device)
+            self._bufs[key] = buf
+        return buf[:n]
 
 
 def _maps(m: SparseEFCN) -> _Maps:
@@ -256,7 +354,7 @@ def cnn_kernel(m: SparseEFCN):
     """(weight [Cout, Cin/g, KH, KW], bias [Cout] or None) of the projection of ``m`` onto the CNN subspace."""
     mp = _maps(m)
     with torch.no_grad():
-        K = mp.kernel(m.values.detach())
+        K, _ = mp.kernel(m.values.detach(), _Workspace())
         KH, KW = mp.geo.kernel_size
         w = K.reshape(KH, KW, mp.Cout, mp.cig).permute(2, 3, 0, 1).to(m.values.dtype).contiguous()
         b = None
@@ -270,72 +368,66 @@ def project_values(m: SparseEFCN):
     mp = _maps(m)
     with torch.no_grad():
         v = m.values.detach()
-        K = mp.kernel(v)
+        ws = _Workspace()
+        Ks = mp.to_space(mp.kernel(v, ws)[0])
         out = torch.zeros_like(v)
         for u0, u1 in mp.chunks():
-            mp.scatter(out, u0, u1, mp.embed_local(K, u0, u1))
+            mp.scatter(out, u0, u1, mp.embed_local(Ks, u0, u1, ws), ws)
         b = None
         if m.bias is not None:
             b = m.bias.detach().double().reshape(-1, mp.Cout).mean(0).repeat(m.bias.numel() // mp.Cout).to(m.bias.dtype)
     return out, b
 
 
-def _layer_stats(m: SparseEFCN) -> dict:
-    """Sums of squares (float64 tensors) of one layer: total, local, residual, off-local by distance, bias."""
+def _add_hist(h: Tensor, d: Tensor, w: Tensor) -> Tensor:
+    if d.numel() == 0:
+        return h
+    n = int(d.max()) + 1
+    if n > h.numel():
+        h = torch.cat([h, h.new_zeros(n - h.numel())])
+    return h.index_add_(0, d, w)
+
+
+def _layer_stats(m: SparseEFCN, ws: Optional["_Workspace"] = None) -> dict:
+    """Sums of squares (float64 tensors) of one layer: total, local, off-local (also by distance),
+    residual of the local part, bias and its residual."""
     mp = _maps(m)
     v = m.values.detach()
     dev = v.device
     lay = m.layout
-    BR, BC = mp.BR, mp.BC
     zero = torch.zeros((), dtype=torch.float64, device=dev)
-    total, off = zero.clone(), zero.clone()
+    off = zero.clone()
     by_dist = torch.zeros(1, dtype=torch.float64, device=dev)
+    if mp.aligned:  # whole blocks are off-local
+        step = max(1, _CHUNK // (mp.BR * mp.BC))
+        for s in range(0, mp.off_blocks.numel(), step):
+            idx = mp.off_blocks[s:s + step]
+            sq = v[idx].square()
+            if lay.mask_patterns is not None:
+                sq.mul_(lay.mask_patterns[lay.mask_ids[idx].long()])
+            bsq = sq.sum((1, 2), dtype=torch.float64)
+            off += bsq.sum()
+            by_dist = _add_hist(by_dist, mp.off_dist[s:s + step], bsq)
+    else:  # tiles span several pixels: per-entry codes, on the blocks holding off-local entries
+        step = max(1, _CHUNK // (mp.BR * mp.BC))
+        for idx in mp.off_blocks.split(step):
+            sq = v[idx].square()
+            code = mp.block_codes(lay, idx)
+            sel = (code >= 0) & mp._block_mask(lay, idx)
+            w = sq[sel].double()
+            off += w.sum()
+            by_dist = _add_hist(by_dist, code[sel].long(), w)
 
-    def add_hist(h, d, w):
-        if d.numel() == 0:
-            return h
-        n = int(d.max()) + 1
-        if n > h.numel():
-            h = torch.cat([h, h.new_zeros(n - h.numel())])
-        return h.index_add_(0, d, w)
-
-    step = max(1, _CHUNK // (BR * BC))
-    pats = lay.mask_patterns
-    for s in range(0, lay.nnzb, step):
-        e = min(lay.nnzb, s + step)
-        sq = v[s:e].double() ** 2
-        if pats is not None:
-            sq = sq * pats[lay.mask_ids[s:e].long()]
-        if mp.aligned:
-            bsq = sq.sum((1, 2))
-            total += bsq.sum()
-            nl = ~mp.block_local[s:e]
-            off += bsq[nl].sum()
-            by_dist = add_hist(by_dist, mp.block_dist[s:e][nl], bsq[nl])
-        else:
-            rows = lay.row_idx[s:e].long()[:, None, None] * BR + torch.arange(BR, device=dev)[None, :, None]
-            cols = lay.col_idx[s:e].long()[:, None, None] * BC + torch.arange(BC, device=dev)[None, None, :]
-            ok = (rows < mp.M) & (cols < mp.N)
-            rows, cols = torch.broadcast_tensors(rows, cols)
-            rows, cols, sq = rows[ok], cols[ok], sq[ok]
-            total += sq.sum()
-            local, dist = mp._codes(rows // mp.Cout, cols // mp.Cin, mp._pairs_dev)
-            off += sq[~local].sum()
-            by_dist = add_hist(by_dist, dist[~local], sq[~local])
-
-    local2, resid = zero.clone(), zero.clone()
-    K = mp.kernel(v)
-    for u0, u1 in mp.chunks():
-        loc = mp.gather(v, u0, u1)
-        local2 += (loc ** 2).sum()
-        resid += ((loc - mp.embed_local(K, u0, u1)) ** 2).sum()
+    K, local2 = mp.kernel(v, ws)  # every stored entry is local or off-local: ||W||^2 = local2 + off
+    Ks = mp.to_space(K)
+    resid = mp.residual2(v, Ks, ws)
 
     bias2 = bias_res = zero.clone()
     if m.bias is not None:
         b = m.bias.detach().double().reshape(-1, mp.Cout)
         bias2 = (b ** 2).sum()
         bias_res = ((b - b.mean(0)) ** 2).sum()
-    return dict(total=total, local=local2, off=off, share=resid, by_dist=by_dist, bias=bias2, bias_res=bias_res)
+    return dict(total=local2 + off, local=local2, off=off, share=resid, by_dist=by_dist, bias=bias2, bias_res=bias_res)
 
 
 def _ratio(a: float, b: float) -> float:
@@ -381,9 +473,10 @@ def deviation(model: nn.Module) -> dict:
     """
     layers: Dict[str, dict] = {}
     acc: Optional[dict] = None
+    ws = _Workspace()
     with torch.no_grad():
         for path, m in _efcn_layers(model):
-            st = _layer_stats(m)
+            st = _layer_stats(m, ws)
             layers[path] = dict(_report(st), halo=m.halo)
             if acc is None:
                 acc = {k: v.detach().clone() for k, v in st.items()}

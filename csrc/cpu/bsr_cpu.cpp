@@ -26,7 +26,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <sys/mman.h>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "microkernel.h"
@@ -36,9 +40,27 @@ namespace {
 
 // Longest K (in elements) one packed panel holds. Longer rows/columns/batches are split at
 // fixed points into groups whose partial results are summed through the output.
-constexpr int64_t kKMax = 1024;
+static const int64_t kKMax = std::getenv("EFCN_KMAX") ? std::atoll(std::getenv("EFCN_KMAX")) : 1024;
+static const bool kQOuter = std::getenv("EFCN_QOUTER") && std::getenv("EFCN_QOUTER")[0] == '1';
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// at::empty, with the kernel asked to back large buffers by transparent huge pages: first-touch
+// page faults on 4 KiB pages otherwise cost about as much as packing the buffer. Only advice:
+// nothing changes where THP is off or unsupported.
+at::Tensor empty_huge(at::IntArrayRef sizes, at::ScalarType dtype) {
+  at::Tensor t = at::empty(sizes, at::TensorOptions().dtype(dtype));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const size_t bytes = t.nbytes();
+  if (bytes >= 2 * kHuge) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+    const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = (p + bytes) & ~(kHuge - 1);
+    if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+  }
+#endif
+  return t;
+}
 
 // ------------------------------------------------------------------------------ checks
 bool is_float_type(at::ScalarType t) {
@@ -92,18 +114,54 @@ void check_operand(const at::Tensor& t, const char* name, at::ScalarType dtype) 
 
 bool is_half(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
-// Batch chunks per task so that small grids still give every thread work; the split does not
-// change any result (see the determinism note above).
-int64_t batch_chunk(int64_t tasks, int64_t B) {
+// Runs body(u0, u1) over [0, n) on at::parallel_for's threads, handing out chunks of about
+// n / (16 threads) items dynamically: a thread that is descheduled (the CPUs are often shared)
+// holds back one chunk, not 1/threads of the work. init() makes each thread's scratch state;
+// body(state, u0, u1). Which thread runs an item never changes its result.
+template <typename Init, typename Body>
+void parallel_dynamic(int64_t n, Init init, Body body) {
+  if (n <= 0) return;
+  const int64_t nt = std::min<int64_t>(at::get_num_threads(), n);
+  const int64_t chunk = std::max<int64_t>(1, n / (16 * nt));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
+    auto state = init();
+    for (int64_t u0; (u0 = next.fetch_add(chunk)) < n;) body(state, u0, std::min(n, u0 + chunk));
+  });
+}
+
+// Batch chunks (of nbt batch tiles) per output slice, so that few slices still give every
+// thread work; the split does not change any result (see the determinism note above).
+int64_t batch_chunks(int64_t slices, int64_t nbt) {
   const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
-  int64_t n = tasks >= want ? 1 : std::min(cdiv(want, std::max<int64_t>(tasks, 1)), cdiv(B, kMR));
-  n = std::max<int64_t>(n, 1);
-  return cdiv(cdiv(B, n), kMR) * kMR;
+  if (slices >= want) return 1;
+  return std::max<int64_t>(1, std::min(cdiv(want, std::max<int64_t>(slices, 1)), nbt));
 }
 
 // ------------------------------------------------------------------------------ shared pieces
-// A K-segment of a row/column task: `k` consecutive K entries starting at column `a_off` of the
-// streamed operand (x or dy), matched with rows/columns of one block starting at `w`.
+// dst[t][f][m] = src[t*kMR + m][f] for the rows of a [rows, F] row-major matrix, zero past the
+// last row: the streamed operand (x or dy) as batch tiles whose columns are contiguous panels.
+template <typename T>
+void pack_batch_tiles(const T* src, int64_t rows, int64_t F, T* dst) {
+  at::parallel_for(0, cdiv(rows, kMR), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      T* d = dst + t * F * kMR;
+      const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - t * kMR));
+      if (mr == kMR) {
+        const T* s = src + t * kMR * F;
+        for (int64_t f = 0; f < F; ++f, d += kMR)
+          for (int m = 0; m < kMR; ++m) d[m] = s[m * F + f];
+      } else {
+        const T* s = src + t * kMR * F;
+        for (int64_t f = 0; f < F; ++f, d += kMR)
+          for (int m = 0; m < kMR; ++m) d[m] = m < mr ? s[m * F + f] : T(0);
+      }
+    }
+  });
+}
+
+// A K-segment of a row (column) task: `k` consecutive columns of the streamed operand from
+// `a_off`, matched with the rows (columns) of one block starting at `w`.
 template <typename T>
 struct Seg {
   int64_t a_off;
@@ -138,21 +196,6 @@ void for_each_group(int64_t p0, int64_t p1, Extent extent, Make make, std::vecto
   fn(segs, K, first, true);
 }
 
-// Packs rows [bt, bt + mr) of the row-major src (leading dim ld) at the segments' columns into
-// A [K][kMR].
-template <typename T>
-void pack_a_rows(const T* src, int64_t ld, int64_t bt, int mr, const std::vector<Seg<T>>& segs, T* A) {
-  int64_t koff = 0;
-  for (const Seg<T>& s : segs) {
-    for (int m = 0; m < mr; ++m) {
-      const T* row = src + (bt + m) * ld + s.a_off;
-      T* dst = A + koff * kMR + m;
-      for (int64_t k = 0; k < s.k; ++k) dst[k * kMR] = row[k];
-    }
-    koff += s.k;
-  }
-}
-
 // out[m*ldc + n] (=|+=) tile[m][n] (+ bias[n]) for m < mr, n < nv.
 template <typename T>
 void store_tile(const T* tile, int mr, int64_t nv, T* out, int64_t ldc, bool accumulate, const T* bias) {
@@ -169,25 +212,6 @@ void store_tile(const T* tile, int mr, int64_t nv, T* out, int64_t ldc, bool acc
   }
 }
 
-// For a task owning output columns [col0, col0 + n_valid) of the row-major `out` (ld ldc) and
-// batch rows [b0, b1): out = A_src[:, segs] @ Bpacked, with Bpacked [nq][K][NR].
-template <typename T>
-void row_task_gemm(const T* a_src, int64_t lda, int64_t b0, int64_t b1, const std::vector<Seg<T>>& segs, int64_t K,
-                   const T* bpack, int64_t nq, T* out, int64_t ldc, int64_t n_valid, bool accumulate,
-                   const T* bias, T* apack, const MicroKernel<T>* kern) {
-  constexpr int NR = kNR<T>;
-  alignas(64) T tile[kMR * NR];
-  for (int64_t bt = b0; bt < b1; bt += kMR) {
-    const int mr = static_cast<int>(std::min<int64_t>(kMR, b1 - bt));
-    pack_a_rows(a_src, lda, bt, mr, segs, apack);
-    for (int64_t q = 0; q < nq; ++q) {
-      kern[mr](K, apack, bpack + q * K * NR, tile);
-      store_tile(tile, mr, std::min<int64_t>(NR, n_valid - q * NR), out + bt * ldc + q * NR, ldc, accumulate,
-                 bias ? bias + q * NR : nullptr);
-    }
-  }
-}
-
 template <typename T>
 void fill_rows(T* out, int64_t ldc, int64_t b0, int64_t b1, int64_t nv, const T* bias) {
   for (int64_t b = b0; b < b1; ++b) {
@@ -201,56 +225,92 @@ void load_kernels(MicroKernel<T>* kern) {
   for (int mr = 1; mr <= kMR; ++mr) kern[mr] = micro_kernel<T>(mr);
 }
 
+// Shared driver of forward and grad_input: out [B, ldc] gets, for each of n_groups output block
+// slices g (a block row of y, or a block column of dx), the product of the streamed operand
+// `a` [B, F] at the columns of the group's segments with the packed blocks. `blocks(g)` gives
+// (p0, p1, extent, make) for for_each_group; `pack_b(segs, K, nv, bpack)` packs the group's
+// blocks as [nq][K][NR] with columns past nv zero.
+template <typename T, typename Blocks, typename PackB>
+void slice_gemm(const T* a, int64_t B, int64_t F, T* out, int64_t ldc, int64_t n_groups, int64_t side,
+                int64_t out_cols, const T* bias, Blocks blocks, PackB pack_b) {
+  constexpr int NR = kNR<T>;
+  const int64_t nq = cdiv(side, NR), nbt = cdiv(B, kMR);
+  at::Tensor ap_t = empty_huge({nbt * F * kMR}, c10::CppTypeToScalarType<T>::value);
+  T* ap = ap_t.data_ptr<T>();
+  pack_batch_tiles(a, B, F, ap);
+  const int64_t tiles_per_task = cdiv(nbt, batch_chunks(n_groups, nbt));
+  const int64_t nch = cdiv(nbt, tiles_per_task);
+  MicroKernel<T> kern[kMR + 1];
+  load_kernels(kern);
+  struct Scratch {
+    std::vector<T> bpack;
+    std::vector<int64_t> offs, ks;
+    std::vector<Seg<T>> segs;
+  };
+  auto init = [&] { return Scratch{std::vector<T>(nq * kKMax * NR), {}, {}, {}}; };
+  parallel_dynamic(n_groups * nch, init, [&](Scratch& st, int64_t u0, int64_t u1) {
+    std::vector<T>& bpack = st.bpack;
+    std::vector<int64_t>&offs = st.offs, &ks = st.ks;
+    alignas(64) T tile[kMR * NR];
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t g = u / nch, bt0 = (u % nch) * tiles_per_task, bt1 = std::min(nbt, bt0 + tiles_per_task);
+      const int64_t nv = std::min(side, out_cols - g * side);  // in-range outputs of this slice
+      T* o = out + g * side;
+      const T* bias_g = bias ? bias + g * side : nullptr;
+      const auto range = blocks(g);
+      const int64_t p0 = std::get<0>(range), p1 = std::get<1>(range);
+      if (p0 == p1) {
+        fill_rows(o, ldc, bt0 * kMR, std::min(B, bt1 * kMR), nv, bias_g);
+        continue;
+      }
+      for_each_group<T>(p0, p1, std::get<2>(range), std::get<3>(range), st.segs, [&](const std::vector<Seg<T>>& sg, int64_t K, bool first, bool last) {
+        pack_b(sg, K, nv, bpack.data());
+        offs.resize(sg.size());
+        ks.resize(sg.size());
+        for (size_t s = 0; s < sg.size(); ++s) {
+          offs[s] = sg[s].a_off * kMR;
+          ks[s] = sg[s].k;
+        }
+        auto run = [&](int64_t bt, int64_t q) {
+          const int mr = static_cast<int>(std::min<int64_t>(kMR, B - bt * kMR));
+          kern[mr](ap + bt * F * kMR, offs.data(), ks.data(), static_cast<int>(sg.size()), bpack.data() + q * K * NR,
+                   tile);
+          store_tile(tile, mr, std::min<int64_t>(NR, nv - q * NR), o + bt * kMR * ldc + q * NR, ldc, !first,
+                     (last && bias_g) ? bias_g + q * NR : nullptr);
+        };
+        if (kQOuter) {
+          for (int64_t q = 0; q < nq; ++q)
+            for (int64_t bt = bt0; bt < bt1; ++bt) run(bt, q);
+        } else {
+          for (int64_t bt = bt0; bt < bt1; ++bt)
+            for (int64_t q = 0; q < nq; ++q) run(bt, q);
+        }
+      });
+    }
+  });
+}
+
 // ------------------------------------------------------------------------------ forward
 template <typename T>
 void forward_kernel(const T* x, const T* w, const T* bias, const int32_t* crow, const int32_t* col, T* y,
                     int64_t B, int64_t N, int64_t M, int64_t BR, int64_t BC) {
   constexpr int NR = kNR<T>;
-  const int64_t nbr = cdiv(M, BR), nq = cdiv(BR, NR);
-  const int64_t bchunk = batch_chunk(nbr, B), nch = cdiv(B, bchunk);
-  MicroKernel<T> kern[kMR + 1];
-  load_kernels(kern);
-  at::parallel_for(0, nbr * nch, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> bpack(nq * kKMax * NR), apack(kKMax * kMR);
-    std::vector<Seg<T>> segs;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t i = t / nch, b0 = (t % nch) * bchunk, b1 = std::min(B, b0 + bchunk);
-      const int64_t rows = std::min(BR, M - i * BR);  // valid rows of this block row
-      T* out = y + i * BR;
-      const T* bias_i = bias ? bias + i * BR : nullptr;
-      if (crow[i] == crow[i + 1]) {
-        fill_rows(out, M, b0, b1, rows, bias_i);
-        continue;
+  const int64_t nq = cdiv(BR, NR);
+  auto extent = [=](int64_t p) { return std::min(BC, N - col[p] * BC); };
+  auto make = [=](int64_t p, int64_t k0, int64_t k) { return Seg<T>{col[p] * BC + k0, w + p * BR * BC + k0, k}; };
+  auto blocks = [=](int64_t i) { return std::make_tuple(int64_t{crow[i]}, int64_t{crow[i + 1]}, extent, make); };
+  // B[q][k][n] = W[q*NR + n][k]: the group's blocks transposed, rows past nv zero.
+  auto pack_b = [=](const std::vector<Seg<T>>& sg, int64_t K, int64_t nv, T* bp) {
+    for (int64_t q = 0; q < nq; ++q) {
+      T* dstq = bp + q * K * NR;
+      int64_t koff = 0;
+      for (const Seg<T>& s : sg) {
+        pack_transposed(s.w + q * NR * BC, BC, std::min<int64_t>(NR, nv - q * NR), s.k, dstq + koff * NR);
+        koff += s.k;
       }
-      auto extent = [&](int64_t p) { return std::min(BC, N - col[p] * BC); };
-      auto make = [&](int64_t p, int64_t k0, int64_t k) {
-        return Seg<T>{col[p] * BC + k0, w + p * BR * BC + k0, k};
-      };
-      for_each_group<T>(crow[i], crow[i + 1], extent, make, segs,
-                        [&](const std::vector<Seg<T>>& sg, int64_t K, bool first, bool last) {
-        // B[q][k][n] = W[q*NR + n][k]: the group's blocks transposed, rows past `rows` zero.
-        for (int64_t q = 0; q < nq; ++q) {
-          T* dstq = bpack.data() + q * K * NR;
-          int64_t koff = 0;
-          for (const Seg<T>& s : sg) {
-            for (int n = 0; n < NR; ++n) {
-              const int64_t r = q * NR + n;
-              T* dst = dstq + koff * NR + n;
-              if (r < rows) {
-                const T* src = s.w + r * BC;
-                for (int64_t k = 0; k < s.k; ++k) dst[k * NR] = src[k];
-              } else {
-                for (int64_t k = 0; k < s.k; ++k) dst[k * NR] = T(0);
-              }
-            }
-            koff += s.k;
-          }
-        }
-        row_task_gemm(x, N, b0, b1, sg, K, bpack.data(), nq, out, M, rows, !first, last ? bias_i : nullptr,
-                      apack.data(), kern);
-      });
     }
-  });
+  };
+  slice_gemm<T>(x, B, N, y, M, cdiv(M, BR), BR, M, bias, blocks, pack_b);
 }
 
 // ------------------------------------------------------------------------------ grad_input
@@ -258,95 +318,98 @@ template <typename T>
 void grad_input_kernel(const T* dy, const T* w, const int32_t* ccol, const int32_t* t_row, const int32_t* t_perm,
                        T* dx, int64_t B, int64_t M, int64_t N, int64_t BR, int64_t BC) {
   constexpr int NR = kNR<T>;
-  const int64_t nbc = cdiv(N, BC), nq = cdiv(BC, NR);
-  const int64_t bchunk = batch_chunk(nbc, B), nch = cdiv(B, bchunk);
-  MicroKernel<T> kern[kMR + 1];
-  load_kernels(kern);
-  at::parallel_for(0, nbc * nch, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> bpack(nq * kKMax * NR), apack(kKMax * kMR);
-    std::vector<Seg<T>> segs;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t j = t / nch, b0 = (t % nch) * bchunk, b1 = std::min(B, b0 + bchunk);
-      const int64_t cols = std::min(BC, N - j * BC);  // valid columns of this block column
-      T* out = dx + j * BC;
-      if (ccol[j] == ccol[j + 1]) {
-        fill_rows<T>(out, N, b0, b1, cols, nullptr);
-        continue;
-      }
-      auto extent = [&](int64_t k) { return std::min(BR, M - t_row[k] * BR); };
-      auto make = [&](int64_t k, int64_t r0, int64_t len) {
-        return Seg<T>{t_row[k] * BR + r0, w + t_perm[k] * BR * BC + r0 * BC, len};
-      };
-      for_each_group<T>(ccol[j], ccol[j + 1], extent, make, segs,
-                        [&](const std::vector<Seg<T>>& sg, int64_t K, bool first, bool /*last*/) {
-        // B[q][k][n] = W[k][q*NR + n]: rows of the group's blocks, columns past `cols` zero.
-        for (int64_t q = 0; q < nq; ++q) {
-          T* dst = bpack.data() + q * K * NR;
-          const int64_t nv = std::min<int64_t>(NR, cols - q * NR);
-          for (const Seg<T>& s : sg) {
-            for (int64_t k = 0; k < s.k; ++k, dst += NR) {
-              const T* src = s.w + k * BC + q * NR;
-              int64_t n = 0;
-              for (; n < nv; ++n) dst[n] = src[n];
-              for (; n < NR; ++n) dst[n] = T(0);
-            }
-          }
+  const int64_t nq = cdiv(BC, NR);
+  auto extent = [=](int64_t k) { return std::min(BR, M - t_row[k] * BR); };
+  auto make = [=](int64_t k, int64_t r0, int64_t len) {
+    return Seg<T>{t_row[k] * BR + r0, w + t_perm[k] * BR * BC + r0 * BC, len};
+  };
+  auto blocks = [=](int64_t j) { return std::make_tuple(int64_t{ccol[j]}, int64_t{ccol[j + 1]}, extent, make); };
+  // B[q][k][n] = W[k][q*NR + n]: rows of the group's blocks, columns past nv zero.
+  auto pack_b = [=](const std::vector<Seg<T>>& sg, int64_t /*K*/, int64_t nv, T* bp) {
+    T* dst = bp;
+    for (int64_t q = 0; q < nq; ++q) {
+      const int64_t n_in = std::min<int64_t>(NR, nv - q * NR);
+      for (const Seg<T>& s : sg) {
+        for (int64_t k = 0; k < s.k; ++k, dst += NR) {
+          const T* src = s.w + k * BC + q * NR;
+          int64_t n = 0;
+          for (; n < n_in; ++n) dst[n] = src[n];
+          for (; n < NR; ++n) dst[n] = T(0);
         }
-        row_task_gemm<T>(dy, M, b0, b1, sg, K, bpack.data(), nq, out, N, cols, !first, nullptr, apack.data(), kern);
-      });
+      }
     }
-  });
+  };
+  slice_gemm<T>(dy, B, M, dx, N, cdiv(N, BC), BC, N, nullptr, blocks, pack_b);
 }
 
 // ------------------------------------------------------------------------------ grad_weight
+// dy and x are packed once into per-block panels (A[i][t][b][m] = dy[b][i*BR + t*kMR + m],
+// X[j][q][b][n] = x[b][j*BC + q*NR + n], zero out of range), then every stored block is a
+// plain [BR x B] @ [B x BC] product over those panels.
 template <typename T>
 void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32_t* col, const int32_t* mask_ids,
                         const bool* patterns, T* dw, int64_t nnzb, int64_t B, int64_t M, int64_t N, int64_t BR,
                         int64_t BC) {
   constexpr int NR = kNR<T>;
   const int64_t ntr = cdiv(BR, kMR), nq = cdiv(BC, NR), blk = BR * BC;
-  const int64_t kc = std::min(B, kKMax);  // batch entries per K group
+  const int64_t nbr = cdiv(M, BR), nbc = cdiv(N, BC);
+  const auto dtype = c10::CppTypeToScalarType<T>::value;
+  at::Tensor a_t = empty_huge({nbr * ntr * B * kMR}, dtype), x_t = empty_huge({nbc * nq * B * NR}, dtype);
+  T* ap = a_t.data_ptr<T>();
+  T* xp = x_t.data_ptr<T>();
+  // kRows batch rows at a time: reads are kRows sequential streams, writes contiguous runs.
+  constexpr int64_t kRows = 16;
+  at::parallel_for(0, cdiv(B, kRows), 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t b0 = c0 * kRows; b0 < std::min(B, c1 * kRows); b0 += kRows) {
+      const int64_t b1 = std::min(B, b0 + kRows);
+      for (int64_t i = 0; i < nbr; ++i) {
+        const int64_t rows = std::min(BR, M - i * BR);
+        for (int64_t t = 0; t < ntr; ++t) {
+          T* dst = ap + ((i * ntr + t) * B + b0) * kMR;
+          for (int64_t b = b0; b < b1; ++b, dst += kMR) {
+            const T* src = dy + b * M + i * BR + t * kMR;
+            for (int m = 0; m < kMR; ++m) dst[m] = t * kMR + m < rows ? src[m] : T(0);
+          }
+        }
+      }
+      for (int64_t j = 0; j < nbc; ++j) {
+        const int64_t cols = std::min(BC, N - j * BC);
+        for (int64_t q = 0; q < nq; ++q) {
+          T* dst = xp + ((j * nq + q) * B + b0) * NR;
+          const int64_t nv = std::min<int64_t>(NR, cols - q * NR);
+          for (int64_t b = b0; b < b1; ++b, dst += NR) {
+            const T* src = x + b * N + j * BC + q * NR;
+            int64_t n = 0;
+            for (; n < nv; ++n) dst[n] = src[n];
+            for (; n < NR; ++n) dst[n] = T(0);
+          }
+        }
+      }
+    }
+  });
   MicroKernel<T> kern[kMR + 1];
   load_kernels(kern);
-  at::parallel_for(0, nnzb, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<T> apack(ntr * kc * kMR), bpack(nq * kc * NR);
+  const int64_t zero = 0;
+  parallel_dynamic(nnzb, [] { return 0; }, [&](int, int64_t p0, int64_t p1) {
     alignas(64) T tile[kMR * NR];
-    int64_t packed_row = -1, packed_kb = -1;
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t i = row[p], j = col[p];
-      const int64_t rows = std::min(BR, M - i * BR), cols = std::min(BC, N - j * BC);
       const bool* mask = patterns ? patterns + mask_ids[p] * blk : nullptr;
       T* out = dw + p * blk;
-      for (int64_t kb = 0; kb < B; kb += kc) {
-        const int64_t K = std::min(kc, B - kb);
-        if (i != packed_row || kb != packed_kb) {  // A[t][b][m] = dy[b][i*BR + t*kMR + m]
-          for (int64_t b = 0; b < K; ++b) {
-            const T* src = dy + (kb + b) * M + i * BR;
-            for (int64_t r = 0; r < ntr * kMR; ++r)
-              apack[(r / kMR) * K * kMR + b * kMR + r % kMR] = r < rows ? src[r] : T(0);
-          }
-          packed_row = i;
-          packed_kb = kb;
-        }
-        for (int64_t b = 0; b < K; ++b) {  // B[q][b][n] = x[b][j*BC + q*NR + n]
-          const T* src = x + (kb + b) * N + j * BC;
-          for (int64_t c = 0; c < nq * NR; ++c) bpack[(c / NR) * K * NR + b * NR + c % NR] = c < cols ? src[c] : T(0);
-        }
-        const bool last = kb + K >= B;
+      for (int64_t t = 0; t < ntr; ++t) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMR, BR - t * kMR));
         for (int64_t q = 0; q < nq; ++q) {
+          kern[mr](ap + (i * ntr + t) * B * kMR, &zero, &B, 1, xp + (j * nq + q) * B * NR, tile);
           const int64_t nv = std::min<int64_t>(NR, BC - q * NR);
-          for (int64_t t = 0; t < ntr; ++t) {
-            const int mr = static_cast<int>(std::min<int64_t>(kMR, BR - t * kMR));
-            kern[mr](K, apack.data() + t * K * kMR, bpack.data() + q * K * NR, tile);
-            T* o = out + t * kMR * BC + q * NR;
-            for (int m = 0; m < mr; ++m) {
-              const T* tm = tile + m * NR;
-              T* om = o + m * BC;
-              const bool* mk = (mask && last) ? mask + (t * kMR + m) * BC + q * NR : nullptr;
-              for (int64_t n = 0; n < nv; ++n) {
-                T v = kb > 0 ? om[n] + tm[n] : tm[n];
-                om[n] = mk ? v * T(mk[n] ? 1 : 0) : v;  // multiply, like the reference (NaN stays NaN)
-              }
+          T* o = out + t * kMR * BC + q * NR;
+          for (int m = 0; m < mr; ++m) {
+            const T* tm = tile + m * NR;
+            T* om = o + m * BC;
+            if (mask) {
+              const bool* mk = mask + (t * kMR + m) * BC + q * NR;
+              for (int64_t n = 0; n < nv; ++n) om[n] = tm[n] * T(mk[n] ? 1 : 0);  // like the reference: NaN stays NaN
+            } else {
+              for (int64_t n = 0; n < nv; ++n) om[n] = tm[n];
             }
           }
         }
@@ -381,7 +444,7 @@ at::Tensor bsr_forward_cpu(const at::Tensor& x, const at::Tensor& values, const 
     return bsr_forward_cpu(x.to(at::kFloat), values.to(at::kFloat), bias_f, crow_ptr, col_idx, row_idx, M)
         .to(values.scalar_type());
   }
-  at::Tensor y = at::empty({B, M}, x.options());
+  at::Tensor y = empty_huge({B, M}, x.scalar_type());
   if (B == 0 || M == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "bsr_forward_cpu", [&] {
     forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), values.data_ptr<scalar_t>(),
@@ -406,7 +469,7 @@ at::Tensor bsr_grad_input_cpu(const at::Tensor& dy, const at::Tensor& values, co
   if (is_half(values.scalar_type()))
     return bsr_grad_input_cpu(dy.to(at::kFloat), values.to(at::kFloat), ccol_ptr, t_row_idx, t_perm, N)
         .to(values.scalar_type());
-  at::Tensor dx = at::empty({B, N}, dy.options());
+  at::Tensor dx = empty_huge({B, N}, dy.scalar_type());
   if (B == 0 || N == 0) return dx;
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "bsr_grad_input_cpu", [&] {
     grad_input_kernel<scalar_t>(dy.data_ptr<scalar_t>(), values.data_ptr<scalar_t>(), ccol_ptr.data_ptr<int32_t>(),
@@ -444,7 +507,7 @@ at::Tensor bsr_grad_weight_cpu(const at::Tensor& dy, const at::Tensor& x, const 
     return bsr_grad_weight_cpu(dy.to(at::kFloat), x.to(at::kFloat), row_idx, col_idx, mask_ids, mask_patterns, BR, BC)
         .to(dy.scalar_type());
   if (B == 0) return at::zeros({nnzb, BR, BC}, dy.options());
-  at::Tensor dw = at::empty({nnzb, BR, BC}, dy.options());
+  at::Tensor dw = empty_huge({nnzb, BR, BC}, dy.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "bsr_grad_weight_cpu", [&] {
     grad_weight_kernel<scalar_t>(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), row_idx.data_ptr<int32_t>(),
                                  col_idx.data_ptr<int32_t>(),

@@ -100,17 +100,21 @@ def _check_dtype(t: Tensor) -> None:
 
 
 def _heuristic(kind: str, B: int, BRP: int, BCP: int, dtype: torch.dtype) -> dict:
-    """The configuration used when autotuning is off: batch tile near the batch, warps by tile size."""
-    wide = dtype in (torch.float32, torch.float64)
-    if kind == "grad_weight":  # the batch is the reduction dimension
-        block_b = min(_pow2(max(B, 16)), 32 if wide or BRP * BCP > 64 * 64 else 64)
-        warps = 8 if BRP * BCP >= 64 * 64 else 4
-    else:
-        side = BRP if kind == "forward" else BCP
-        cap = 64 if wide or BRP * BCP > 64 * 64 else 128
-        block_b = min(_pow2(max(B, 16)), cap)
-        warps = 8 if block_b * side >= 128 * 64 else 4
-    return dict(BLOCK_B=block_b, num_warps=warps, num_stages=2 if wide else 3)
+    """The configuration used when autotuning is off: a batch tile near the batch, as many
+    pipeline stages as fit a conservative shared-memory budget, warps by tile size."""
+    el = torch.empty((), dtype=dtype).element_size()
+    block_b = min(_pow2(max(B, 16)), 64 if kind == "grad_weight" or el >= 4 else 128)
+    k_side, out_side = {"forward": (BCP, BRP), "grad_input": (BRP, BCP), "grad_weight": (BRP, BCP)}[kind]
+
+    def stage_bytes(bb):  # the two tl.dot operand tiles of one loop iteration
+        return (bb * (BRP + BCP) if kind == "grad_weight" else bb * k_side + k_side * out_side) * el
+
+    budget = 96 * 1024
+    while block_b > 16 and 2 * stage_bytes(block_b) > budget:
+        block_b //= 2
+    stages = 3 if 3 * stage_bytes(block_b) <= budget else 2
+    acc = BRP * BCP if kind == "grad_weight" else block_b * out_side
+    return dict(BLOCK_B=block_b, num_warps=8 if acc >= 128 * 64 else 4, num_stages=stages)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -127,9 +131,9 @@ def _tuned(kernel, key, tiles_warps_stages):
     return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _prune})(kernel)
 
 
-_ROW_CONFIGS = [(16, 4, 3), (32, 4, 3), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 3), (128, 8, 3),
-                (128, 8, 4), (256, 8, 2), (256, 8, 3)]
-_GW_CONFIGS = [(16, 4, 3), (32, 4, 3), (32, 4, 4), (32, 8, 3), (64, 4, 3), (64, 8, 3), (64, 8, 4), (128, 8, 3)]
+# (BLOCK_B, num_warps, num_stages); configs that do not fit shared memory are dropped by the autotuner
+_ROW_CONFIGS = [(16, 4, 3), (32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 4, 3), (128, 8, 3), (128, 8, 4), (256, 8, 3)]
+_GW_CONFIGS = [(16, 4, 3), (32, 4, 3), (32, 8, 3), (64, 4, 3), (64, 8, 3), (64, 8, 4)]
 _ROW_KEY = ["BR", "BC", "B_KEY", "BPR_KEY"]  # the autotuner adds the tensors' dtypes to the key
 _tuned_forward = _tuned(bsr_forward_kernel, _ROW_KEY, _ROW_CONFIGS) if triton is not None else None
 _tuned_grad_input = _tuned(bsr_grad_input_kernel, _ROW_KEY, _ROW_CONFIGS) if triton is not None else None
@@ -158,6 +162,11 @@ def _skip_launch(t: Tensor) -> bool:
     return t.numel() == 0 or (interpreted() and _is_fake(t))
 
 
+def _even(M: int, N: int, BR: int, BC: int) -> dict:
+    """Whether rows / columns need no feature mask (whole blocks, sides that are powers of two)."""
+    return dict(EVEN_M=M % BR == 0 and BR == _side(BR), EVEN_N=N % BC == 0 and BC == _side(BC))
+
+
 def _bpr_key(nnzb: int, n_lines: int) -> int:
     return _pow2(max(1, round(nnzb / max(n_lines, 1))))
 
@@ -177,7 +186,7 @@ def _forward_impl(wrap, x: Tensor, values: Tensor, bias: Optional[Tensor], crow_
     kernel[grid](
         x, values, bias if bias is not None else y, y, crow_ptr, col_idx,
         B, M, N, min(_pow2(B), 4096), _bpr_key(nnzb, nbr),
-        BR=BR, BC=BC, BRP=BRP, BCP=BCP, HAS_BIAS=bias is not None, DOT_PREC=_dot_prec(x.dtype),
+        BR=BR, BC=BC, BRP=BRP, BCP=BCP, **_even(M, N, BR, BC), HAS_BIAS=bias is not None, DOT_PREC=_dot_prec(x.dtype),
         ACC_F64=x.dtype == torch.float64, **meta,
     )
     return y
@@ -198,7 +207,7 @@ def _grad_input_impl(wrap, dy: Tensor, values: Tensor, ccol_ptr: Tensor, t_row_i
     kernel[grid](
         dy, values, dx, ccol_ptr, t_row_idx, t_perm,
         B, M, N, min(_pow2(B), 4096), _bpr_key(nnzb, nbc),
-        BR=BR, BC=BC, BRP=BRP, BCP=BCP, DOT_PREC=_dot_prec(dy.dtype), ACC_F64=dy.dtype == torch.float64, **meta,
+        BR=BR, BC=BC, BRP=BRP, BCP=BCP, **_even(M, N, BR, BC), DOT_PREC=_dot_prec(dy.dtype), ACC_F64=dy.dtype == torch.float64, **meta,
     )
     return dx
 
@@ -220,7 +229,7 @@ def _grad_weight_impl(wrap, dy: Tensor, x: Tensor, row_idx: Tensor, col_idx: Ten
     kernel[grid](
         dy, x, dw, row_idx, col_idx, mask_ids if has_mask else row_idx, pats,
         B, M, N, min(_pow2(B), 4096),
-        BR=BR, BC=BC, BRP=BRP, BCP=BCP, HAS_MASK=has_mask, DOT_PREC=_dot_prec(dy.dtype),
+        BR=BR, BC=BC, BRP=BRP, BCP=BCP, **_even(M, N, BR, BC), HAS_MASK=has_mask, DOT_PREC=_dot_prec(dy.dtype),
         ACC_F64=dy.dtype == torch.float64, **meta,
     )
     return dw

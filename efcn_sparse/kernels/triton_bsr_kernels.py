@@ -5,6 +5,9 @@ One source for GPU and interpreter. Conventions shared by the three kernels:
 * Block sides ``BR``, ``BC`` are padded to powers of two ``BRP``, ``BCP`` (>= 16, as ``tl.dot``
   needs); padded lanes, rows past ``M``/``N`` and batch rows past ``B`` are masked on load
   (read as 0) and on store, so no input is ever copied or padded in memory.
+* Feature masks are compiled in only where needed (``EVEN_M``: M % BR == 0 and BR == BRP;
+  likewise ``EVEN_N``): a mask that varies along the contiguous axis stops 16-byte vector loads
+  and the cp.async/TMA pipelining that depends on them.
 * Batch-times-features and block-times-block-size offsets are computed in int64.
 * Loop variables over loaded bounds are cast with ``tl.cast`` (plain ints under the interpreter).
 * Accumulation is float32 (float64 for float64 inputs); ``DOT_PREC`` is the ``input_precision``
@@ -21,8 +24,9 @@ import triton.language as tl
 def bsr_forward_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr, crow_ptr, col_ptr,
     B, M, N, B_KEY, BPR_KEY,
-    BR: tl.constexpr, BC: tl.constexpr, BRP: tl.constexpr, BCP: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, ACC_F64: tl.constexpr, BLOCK_B: tl.constexpr,
+    BR: tl.constexpr, BC: tl.constexpr, BRP: tl.constexpr, BCP: tl.constexpr, EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, ACC_F64: tl.constexpr,
+    BLOCK_B: tl.constexpr,
 ):
     """Y[b, i*BR + r] = sum_k X[b, col_k*BC + c] W_k[r, c] + bias: one program per (block row, batch tile)."""
     pid = tl.program_id(0)
@@ -42,23 +46,34 @@ def bsr_forward_kernel(
     for k in range(start, end):
         k64 = tl.cast(k, tl.int64)
         cols = tl.load(col_ptr + k64) * BC + cc
-        x = tl.load(x_rows + cols[None, :], mask=b_ok[:, None] & ((cols < N) & (cc < BC))[None, :], other=0.0)
-        wt = tl.load(w_ptr + k64 * (BR * BC) + wt_offs, mask=wt_ok, other=0.0)
+        if EVEN_N:
+            x = tl.load(x_rows + cols[None, :], mask=b_ok[:, None], other=0.0)
+        else:
+            x = tl.load(x_rows + cols[None, :], mask=b_ok[:, None] & ((cols < N) & (cc < BC))[None, :], other=0.0)
+        if BR == BRP and BC == BCP:
+            wt = tl.load(w_ptr + k64 * (BR * BC) + wt_offs)
+        else:
+            wt = tl.load(w_ptr + k64 * (BR * BC) + wt_offs, mask=wt_ok, other=0.0)
         acc = tl.dot(x, wt, acc, input_precision=DOT_PREC)
     rows = i * BR + rr
-    row_ok = (rows < M) & (rr < BR)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(acc.dtype)[None, :]
     y_ptrs = y_ptr + offs_b.to(tl.int64)[:, None] * M + rows[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=b_ok[:, None] & row_ok[None, :])
+    if EVEN_M:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rows).to(acc.dtype)[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=b_ok[:, None])
+    else:
+        row_ok = (rows < M) & (rr < BR)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(acc.dtype)[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=b_ok[:, None] & row_ok[None, :])
 
 
 @triton.jit
 def bsr_grad_input_kernel(
     dy_ptr, w_ptr, dx_ptr, ccol_ptr, trow_ptr, tperm_ptr,
     B, M, N, B_KEY, BPR_KEY,
-    BR: tl.constexpr, BC: tl.constexpr, BRP: tl.constexpr, BCP: tl.constexpr,
-    DOT_PREC: tl.constexpr, ACC_F64: tl.constexpr, BLOCK_B: tl.constexpr,
+    BR: tl.constexpr, BC: tl.constexpr, BRP: tl.constexpr, BCP: tl.constexpr, EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr, ACC_F64: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """dX[b, j*BC + c] = sum_k dY[b, row_k*BR + r] W_{perm_k}[r, c]: one program per (block column, batch tile).
 
@@ -82,20 +97,30 @@ def bsr_grad_input_kernel(
         k64 = tl.cast(k, tl.int64)
         rows = tl.load(trow_ptr + k64) * BR + rr
         p = tl.load(tperm_ptr + k64).to(tl.int64)
-        dy = tl.load(dy_rows + rows[None, :], mask=b_ok[:, None] & ((rows < M) & (rr < BR))[None, :], other=0.0)
-        w = tl.load(w_ptr + p * (BR * BC) + w_offs, mask=w_ok, other=0.0)
+        if EVEN_M:
+            dy = tl.load(dy_rows + rows[None, :], mask=b_ok[:, None], other=0.0)
+        else:
+            dy = tl.load(dy_rows + rows[None, :], mask=b_ok[:, None] & ((rows < M) & (rr < BR))[None, :], other=0.0)
+        if BR == BRP and BC == BCP:
+            w = tl.load(w_ptr + p * (BR * BC) + w_offs)
+        else:
+            w = tl.load(w_ptr + p * (BR * BC) + w_offs, mask=w_ok, other=0.0)
         acc = tl.dot(dy, w, acc, input_precision=DOT_PREC)
     cols = j * BC + cc
     dx_ptrs = dx_ptr + offs_b.to(tl.int64)[:, None] * N + cols[None, :]
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=b_ok[:, None] & ((cols < N) & (cc < BC))[None, :])
+    if EVEN_N:
+        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=b_ok[:, None])
+    else:
+        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=b_ok[:, None] & ((cols < N) & (cc < BC))[None, :])
 
 
 @triton.jit
 def bsr_grad_weight_kernel(
     dy_ptr, x_ptr, dw_ptr, row_ptr, col_ptr, mask_id_ptr, mask_pat_ptr,
     B, M, N, B_KEY,
-    BR: tl.constexpr, BC: tl.constexpr, BRP: tl.constexpr, BCP: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, ACC_F64: tl.constexpr, BLOCK_B: tl.constexpr,
+    BR: tl.constexpr, BC: tl.constexpr, BRP: tl.constexpr, BCP: tl.constexpr, EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, ACC_F64: tl.constexpr,
+    BLOCK_B: tl.constexpr,
 ):
     """dW_k[r, c] = sum_b dY[b, row_k*BR + r] X[b, col_k*BC + c], times the element mask:
     one program per stored block, reducing over the whole batch (deterministic, no atomics)."""
@@ -105,19 +130,32 @@ def bsr_grad_weight_kernel(
     bb = tl.arange(0, BLOCK_B)
     rows = tl.load(row_ptr + k64) * BR + rr
     cols = tl.load(col_ptr + k64) * BC + cc
-    row_ok = (rows < M) & (rr < BR)
+    row_ok = (rows < M) & (rr < BR)  # used only when not EVEN_M
     col_ok = (cols < N) & (cc < BC)
     acc = tl.zeros((BRP, BCP), dtype=tl.float64 if ACC_F64 else tl.float32)
     for b0 in range(0, B, BLOCK_B):
         offs_b = tl.cast(b0, tl.int64) + bb
         b_ok = offs_b < B
-        dyt = tl.load(dy_ptr + offs_b[None, :] * M + rows[:, None], mask=row_ok[:, None] & b_ok[None, :], other=0.0)
-        x = tl.load(x_ptr + offs_b[:, None] * N + cols[None, :], mask=b_ok[:, None] & col_ok[None, :], other=0.0)
+        if EVEN_M:
+            dyt = tl.load(dy_ptr + offs_b[None, :] * M + rows[:, None], mask=b_ok[None, :], other=0.0)
+        else:
+            dyt = tl.load(dy_ptr + offs_b[None, :] * M + rows[:, None], mask=row_ok[:, None] & b_ok[None, :], other=0.0)
+        if EVEN_N:
+            x = tl.load(x_ptr + offs_b[:, None] * N + cols[None, :], mask=b_ok[:, None], other=0.0)
+        else:
+            x = tl.load(x_ptr + offs_b[:, None] * N + cols[None, :], mask=b_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(dyt, x, acc, input_precision=DOT_PREC)
     w_offs = rr[:, None] * BC + cc[None, :]
     w_ok = (rr[:, None] < BR) & (cc[None, :] < BC)
+    full = BR == BRP and BC == BCP
     if HAS_MASK:
         pat = tl.load(mask_id_ptr + k64).to(tl.int64)
-        keep = tl.load(mask_pat_ptr + pat * (BR * BC) + w_offs, mask=w_ok, other=0)
+        if full:
+            keep = tl.load(mask_pat_ptr + pat * (BR * BC) + w_offs)
+        else:
+            keep = tl.load(mask_pat_ptr + pat * (BR * BC) + w_offs, mask=w_ok, other=0)
         acc = tl.where(keep != 0, acc, 0.0)  # exact zeros, even where the sums are NaN
-    tl.store(dw_ptr + k64 * (BR * BC) + w_offs, acc.to(dw_ptr.dtype.element_ty), mask=w_ok)
+    if full:
+        tl.store(dw_ptr + k64 * (BR * BC) + w_offs, acc.to(dw_ptr.dtype.element_ty))
+    else:
+        tl.store(dw_ptr + k64 * (BR * BC) + w_offs, acc.to(dw_ptr.dtype.element_ty), mask=w_ok)

@@ -1,0 +1,183 @@
+"""Parameter and memory table of a CNN's eFCN: why the dense eFCN cannot scale, what the sparse one costs.
+
+``summary(model, input_shape)`` works on a CNN (it counts what ``embed(model, input_shape, halo)``
+would store, from the geometry alone where the count is analytic) and on an embedded model (it
+reads the layers). Counts include the biases (the eFCN's bias is untied: one per output position).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from .conv_geometry import ConvGeometry, Halo, build_layout, check_halo, choose_block_side
+from .embedding import _block_shape_for, conv_input_sizes
+from .module import SparseEFCN
+
+__all__ = ["summary", "Summary"]
+
+COLUMNS = ("layer", "kind", "in_shape", "out_shape", "halo", "block_shape", "cnn_params", "dense_params", "stored",
+           "local", "nnzb", "density", "bytes", "dense_bytes")
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _local_pairs(geo: ConvGeometry) -> int:
+    po, pi, _, _ = geo.local_taps()
+    P_in = geo.input_size[0] * geo.input_size[1]
+    return int(torch.unique(po * P_in + pi).numel())
+
+
+def _index_bytes(nbr: int, nbc: int, nnzb: int, n_patterns: Optional[int], block) -> int:
+    """int32 crow/ccol pointers, col/row/t_row/t_perm per block, and the mask (ids + bool patterns)."""
+    b = 4 * (nbr + 1 + nbc + 1 + 4 * nnzb)
+    if n_patterns is not None:
+        b += 4 * nnzb + n_patterns * block[0] * block[1]
+    return b
+
+
+def _conv_counts(geo: ConvGeometry, halo: Halo, block_shape) -> dict:
+    """What ``build_layout(geo, halo, block_shape)`` stores, analytically where possible:
+    nnzb, trainable weight entries, index/mask bytes, block shape."""
+    Cout, Cin, g = geo.out_channels, geo.in_channels, geo.groups
+    cig = Cin // g
+    M, N = geo.out_features, geo.in_features
+    BR, BC = block_shape if block_shape is not None else (choose_block_side(Cout), choose_block_side(Cin))
+    nbr, nbc = _cdiv(M, BR), _cdiv(N, BC)
+    P_out, P_in = geo.out_size[0] * geo.out_size[1], geo.input_size[0] * geo.input_size[1]
+    if Cout % BR == 0 and Cin % BC == 0:  # pixel-aligned tiles: every support pair holds its in-group tiles
+        n_pairs = P_out * P_in if halo == "full" else int(geo.support_pairs(halo).numel())
+        ta, tb = Cout // BR, Cin // BC
+        co, ci = torch.arange(Cout), torch.arange(Cin)
+        ok = (co[:, None] // (Cout // g)) == (ci[None, :] // cig)
+        tiles = int(ok.reshape(ta, BR, tb, BC).any(3).any(1).sum())
+        nnzb = n_pairs * tiles
+        return dict(nnzb=nnzb, weights=n_pairs * Cout * cig, block=(BR, BC),
+                    index_bytes=_index_bytes(nbr, nbc, nnzb, ta * tb if g > 1 else None, (BR, BC)))
+    if halo == "full" and g == 1:  # every block, masked only where it sticks out of the matrix
+        row_types = (1 if M % BR == 0 else 1 + (nbr > 1))
+        col_types = (1 if N % BC == 0 else 1 + (nbc > 1))
+        nnzb = nbr * nbc
+        return dict(nnzb=nnzb, weights=M * N, block=(BR, BC),
+                    index_bytes=_index_bytes(nbr, nbc, nnzb, row_types * col_types, (BR, BC)))
+    lay = build_layout(geo, halo, (BR, BC))  # few-channel layer: the layout is small
+    return dict(nnzb=lay.nnzb, weights=lay.stored_entries(), block=(BR, BC),
+                index_bytes=sum(t.numel() * t.element_size() for t in lay.tensors().values() if t is not None))
+
+
+class Summary:
+    """A table: ``rows`` (list of dicts, one per conv/eFCN layer, then "(other)" for the remaining
+    parameters) and ``total`` (dict). Columns:
+
+    * ``cnn_params``: the conv's weights + bias; ``dense_params``: the dense eFCN's M*N + M;
+    * ``stored``: trainable entries the sparse eFCN stores (+ bias); ``local``: those on the
+      receptive fields (+ bias); ``nnzb``: stored blocks; ``density``: stored / dense_params;
+    * ``bytes``: what the sparse eFCN holds (values, bias, index and mask arrays);
+      ``dense_bytes``: what the dense eFCN would hold.
+    """
+
+    def __init__(self, rows: List[dict], total: dict):
+        self.rows = rows
+        self.total = total
+
+    def to_dict(self) -> dict:
+        return {"rows": [dict(r) for r in self.rows], "total": dict(self.total)}
+
+    def __str__(self) -> str:
+        def num(v):
+            return "-" if v is None else f"{v:,}"
+
+        def nbytes(v):
+            if v is None:
+                return "-"
+            for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+                if v < 1024 or unit == "TiB":
+                    return f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}"
+                v /= 1024
+
+        def shape(s):
+            return "-" if s is None else "x".join(map(str, s))
+
+        head = ("layer", "kind", "in -> out", "halo", "block", "CNN params", "dense eFCN", "stored", "local",
+                "density", "bytes", "dense bytes")
+        lines = []
+        for r in self.rows + [self.total]:
+            io = "-" if r.get("in_shape") is None else f"{shape(r['in_shape'])} -> {shape(r['out_shape'])}"
+            lines.append((r["layer"], r["kind"], io, "-" if r.get("halo") is None else str(r["halo"]),
+                          shape(r.get("block_shape")), num(r["cnn_params"]), num(r["dense_params"]), num(r["stored"]),
+                          num(r["local"]), f"{r['density']:.4g}", nbytes(r["bytes"]), nbytes(r["dense_bytes"])))
+        widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
+        fmt = lambda row: "  ".join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
+        rule = "-" * len(fmt(head))
+        return "\n".join([fmt(head), rule] + [fmt(l) for l in lines[:-1]] + [rule, fmt(lines[-1])])
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def _row(layer, kind, in_shape, out_shape, halo, block, cnn, dense, stored, local, nnzb, nbytes, dense_bytes) -> dict:
+    return dict(layer=layer, kind=kind, in_shape=in_shape, out_shape=out_shape, halo=halo, block_shape=block,
+                cnn_params=cnn, dense_params=dense, stored=stored, local=local, nnzb=nnzb,
+                density=stored / dense if dense else 0.0, bytes=nbytes, dense_bytes=dense_bytes)
+
+
+def summary(model: nn.Module, input_shape=None, halo: Halo = 0, block_shape=None) -> Summary:
+    """Per-layer and total parameter and memory counts of ``model``'s eFCN.
+
+    ``nn.Conv2d`` layers are counted as ``embed(model, input_shape, halo, block_shape)`` would
+    store them (``input_shape`` = (C, H, W) is needed for them); ``SparseEFCN`` layers as they are.
+    """
+    halo = check_halo(halo)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    sizes: Dict[str, tuple] = {}
+    if convs:
+        if input_shape is None:
+            raise ValueError("summary: input_shape (C, H, W) is needed to count the eFCN of a model with nn.Conv2d layers")
+        sizes = conv_input_sizes(model, input_shape)
+    rows, counted = [], set()
+    for path, m in model.named_modules():
+        path = path or "<model>"
+        if isinstance(m, nn.Conv2d) and path in sizes:
+            geo = ConvGeometry.from_conv(m, sizes[path])
+            c = _conv_counts(geo, halo, _block_shape_for(block_shape, path))
+            es = m.weight.element_size()
+            nb = 0 if m.bias is None else geo.out_features
+            cnn = sum(p.numel() for p in m.parameters(recurse=False))
+            local = _local_pairs(geo) * geo.out_channels * (geo.in_channels // geo.groups) + nb
+            rows.append(_row(path, "conv", (geo.in_channels,) + geo.input_size, (geo.out_channels,) + geo.out_size, halo,
+                             c["block"], cnn, geo.out_features * geo.in_features + nb, c["weights"] + nb, local,
+                             c["nnzb"], (c["nnzb"] * c["block"][0] * c["block"][1] + nb) * es + c["index_bytes"],
+                             (geo.out_features * geo.in_features + nb) * es))
+        elif isinstance(m, SparseEFCN):
+            lay = m.layout
+            M, N = m.shape
+            es = m.values.element_size()
+            nb = 0 if m.bias is None else M
+            nbytes = sum(t.numel() * t.element_size() for t in [m.values, m.bias] + list(lay.tensors().values())
+                         if t is not None)
+            geo = m.geometry
+            cnn = local = None
+            if geo is not None:
+                cnn = geo.out_channels * (geo.in_channels // geo.groups) * geo.kernel_size[0] * geo.kernel_size[1]
+                cnn += 0 if m.bias is None else geo.out_channels
+                local = _local_pairs(geo) * geo.out_channels * (geo.in_channels // geo.groups) + nb
+            rows.append(_row(path, "efcn" if geo is not None else "sparse", m.in_shape, m.out_shape, m.halo,
+                             tuple(m.block_shape), cnn, M * N + nb, lay.stored_entries() + nb, local, m.nnzb,
+                             nbytes, (M * N + nb) * es))
+        else:
+            continue
+        counted.update(id(p) for p in m.parameters(recurse=False))
+    other = [p for p in model.parameters() if id(p) not in counted]
+    if other:
+        n = sum(p.numel() for p in other)
+        nbytes = sum(p.numel() * p.element_size() for p in other)
+        rows.append(_row("(other)", "other", None, None, None, None, n, n, n, n, None, nbytes, nbytes))
+    keys = ("cnn_params", "dense_params", "stored", "local", "nnzb", "bytes", "dense_bytes")
+    tot = {k: sum(r[k] for r in rows if r[k] is not None) for k in keys}
+    total = _row("total", "", None, None, None, None, tot["cnn_params"], tot["dense_params"], tot["stored"],
+                 tot["local"], tot["nnzb"], tot["bytes"], tot["dense_bytes"])
+    return Summary(rows, total)

@@ -1,0 +1,117 @@
+"""The ``efcn`` command line: relax through ``python -m efcn_sparse``, summary, plot, merge, demo,
+and clear errors (exit status 2, one message) for bad options."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from efcn_sparse.cli import main
+from efcn_sparse.plots import FIGURES
+from efcn_sparse.protocol import load_run
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+# the tiny model of test_protocol.py, through the module:function form
+TINY = ["--model", "test_protocol:tiny_cnn", "--dataset", "synthetic", "--image-size", "12", "--train-size", "30",
+        "--test-size", "20", "--epochs", "1", "--relax-times", "0,1", "--batch-size", "16", "--width", "4",
+        "--device", "cpu", "--lr", "0.05"]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("cli") / "run")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, ROOT, os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, "-m", "efcn_sparse", "relax", *TINY, "--out", out, "--no-plots"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out, p
+
+
+def test_relax_via_python_m(cli_run):
+    out, p = cli_run
+    # one log line per epoch and the summary table on stdout; the bars go to stderr
+    assert "[      cnn] epoch   1" in p.stdout and "[ efcn_tw0] epoch   1" in p.stdout
+    assert "| efcn_tw1 | 1 |" in p.stdout and "Best relax time" in p.stdout
+    meta, rows = load_run(out)
+    assert meta["config"]["model"] == "test_protocol:tiny_cnn" and meta["config"]["fcn"] is True
+    assert {r["arm"] for r in rows} == {"cnn", "efcn_tw0", "efcn_tw1", "fcn"}
+    assert not os.path.exists(os.path.join(out, "figures"))  # --no-plots
+
+
+def test_summary_plot_merge(cli_run, tmp_path, capsys):
+    out, _ = cli_run
+    assert main(["summary", out]) == 0
+    assert capsys.readouterr().out == open(os.path.join(out, "summary.md")).read()
+    figs = str(tmp_path / "figs")
+    assert main(["plot", out, "-o", figs]) == 0
+    assert sorted(os.listdir(figs)) == sorted(FIGURES)
+    merged = str(tmp_path / "merged")
+    assert main(["merge", out, "-o", merged, "--no-plots"]) == 0
+    assert load_run(merged)[1] == load_run(out)[1]
+    assert main(["merge", out, "-o", merged]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_quiet_prints_nothing(tmp_path, capsys):
+    assert main(["relax", *TINY, "--relax-times", "1", "--no-fcn", "--out", str(tmp_path / "q"), "--quiet",
+                 "--no-plots"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out == "" and cap.err == ""
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--halo", "wide"], "expected 'full' or an integer"),
+    (["--relax-times", "1,x"], "comma-separated integers"),
+    (["--epochs", "0"], "expected a value > 0"),
+    (["--lr", "-1"], "expected a value > 0"),
+    (["--optimizer", "rmsprop"], "invalid choice"),
+    (["--block-shape", "16"], "BR,BC"),
+])
+def test_argument_errors(args, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["relax", *args])
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--relax-times", "0,5"], "--relax-times must be integers in [0, 1]"),
+    (["--dataset", "imagenet"], "unknown data set"),
+    (["--model", "lenet9"], "unknown model"),
+    (["--device", "cuda:7"], "CUDA is not available"),
+])
+def test_run_errors_are_one_line(args, msg, tmp_path, capsys):
+    if "cuda" in args[-1]:
+        pytest.importorskip("torch")
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("CUDA present")
+    assert main(["relax", *TINY, *args, "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("efcn relax: error:") and msg in err and "Traceback" not in err
+
+
+def test_missing_data_and_existing_dir(tmp_path, capsys, cli_run):
+    assert main(["relax", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "fashion-mnist not found" in err and str(tmp_path / "nowhere") in err
+    out, _ = cli_run
+    assert main(["relax", *TINY, "--out", out, "--quiet"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["summary", str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_help_and_demo(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["relax", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for opt in ("--model", "--width", "--dataset", "--data-dir", "--train-size", "--test-size", "--epochs",
+                "--relax-times", "--after", "--halo", "--optimizer", "--lr", "--momentum", "--weight-decay",
+                "--batch-size", "--seed", "--device", "--backend", "--out", "--resume", "--force", "--quiet"):
+        assert opt in out, opt
+    assert main(["demo", "--channels", "2", "--size", "5", "--batch", "1"]) == 0
+    assert "rel. error" in capsys.readouterr().out
