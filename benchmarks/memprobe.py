@@ -76,7 +76,10 @@ def main(argv=None) -> int:
     warm = modelkit.make_variant("cnn", cnn, shape)  # one throwaway step: thread pools, oneDNN, autograd set-up
     modelkit.train_step(warm, torch.optim.SGD(warm.parameters(), lr=0.01, momentum=0.9), x[:2], y[:2])
     del warm
-    out = {"model": args.model, "config": cfg, "method": "VmHWM reset via /proc/self/clear_refs", "variants": {}}
+    from efcn_sparse import backends
+
+    out = {"model": args.model, "config": cfg, "method": "VmHWM reset via /proc/self/clear_refs",
+           "backend": backends.resolve(args.backend, "cpu"), "variants": {}}
     for v in args.variants.split(","):
         m, build = phase(lambda: modelkit.make_variant(v, cnn, shape, args.backend), not args.no_gc)
         with torch.no_grad():

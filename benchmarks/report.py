@@ -140,8 +140,7 @@ def section_header(run: Run, src: Path) -> list:
         "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + f", efcn_sparse {s.get('efcn_sparse', '?')}",
         f"- Device {s.get('device', 'cpu')}; backends benchmarked: {', '.join(s.get('backends_benchmarked', [])) or '—'}"
         + "".join(f"; `{b}` unavailable ({why})" for b, why in s.get("backends_unavailable", {}).items()),
-        f"- Full run wall time: {fmt_t(s['wall_s']) if 'wall_s' in s else '?'} "
-        f"({s['wall_s'] / 60:.1f} min)" if "wall_s" in s else "- Full run wall time: ?",
+        f"- Wall time of the whole run: {s['wall_s'] / 60:.1f} min" if "wall_s" in s else "- Wall time: ?",
     ]
     if run.mm:
         lines.append("- Measured ceilings (same run): 2048³ float32 `torch.mm` "
@@ -166,6 +165,10 @@ def section_method() -> list:
     return [
         "## Method",
         "",
+        "- Reproduce: `pytest benchmarks/ --benchmark` (saves `benchmarks/results/bench-<date>.json`), then "
+        "`python benchmarks/report.py`. Without `--benchmark` the same benchmarks run once each at tiny sizes as "
+        "a correctness check (CI). `EFCN_BENCH_BACKENDS=cpu,reference` restricts the backends; Triton is never "
+        "benchmarked through its CPU interpreter.",
         "- Each benchmarked function runs once as a warm-up whose result is checked against the conv (outputs, "
         "input and weight gradients; the eFCN weight gradient summed over positions must equal the conv's, and "
         "equal the dense or reference result entry by entry), then pytest-benchmark times it: at least 5 rounds "
@@ -282,10 +285,11 @@ def section_memory(run: Run) -> list:
         out += ["Not measured in this run" + (" (efcn_sparse.models / embed not importable)" if "skipped" in run.records
                                               else "") + ".", ""]
     else:
-        method = next(iter(mem.values()))["method"]
+        first = next(iter(mem.values()))
+        backend = f"; the sparse eFCN runs the `{first['backend']}` backend" if first.get("backend") else ""
         out += [f"Peak resident memory (RSS) above the level before each phase, measured with Linux's VmHWM reset "
-                f"through /proc/self/clear_refs ({method}): building the variant from the CNN, then its first SGD "
-                f"training step (momentum buffers created, batch {next(iter(mem.values()))['batch']}). "
+                f"through /proc/self/clear_refs ({first['method']}{backend}): building the variant from the CNN, "
+                f"then its first SGD training step (momentum buffers created, batch {first['batch']}). "
                 "`weights` and `train state` are computed from tensor sizes (parameters; parameters + gradients + "
                 "momentum + layout index tensors).", "",
                 "| model | variant | weights | index | train state (computed) | build peak | train-step peak | "

@@ -57,9 +57,11 @@ def test_memory_model(model):
     if bl.FULL:
         results = {}
         for v in variants:  # one process per variant: nothing left over from the previous one
-            results.update(_probe(model, [v], True)["variants"])
+            probe = _probe(model, [v], True)
+            results.update(probe["variants"])
     else:
-        results = _probe(model, variants, False)["variants"]
+        probe = _probe(model, variants, False)
+        results = probe["variants"]
     for v, r in results.items():
         assert r["rel_err"] <= bl.TOL, f"{model} {v}: output differs from the CNN by {r['rel_err']:.2e}"
         assert r["loss_finite"], f"{model} {v}: training step gave a non-finite loss"
@@ -68,8 +70,8 @@ def test_memory_model(model):
     if "efcn_dense" in results:
         assert results["efcn_dense"]["param_bytes"] > sparse["param_bytes"]
     bl.RECORDS.setdefault("memory", {})[model] = {
-        "config": cfg, "batch": cfg["batch"], "method": "peak RSS (VmHWM reset per phase), "
-        + ("one subprocess per variant" if bl.FULL else "in-process (smoke)"),
+        "config": cfg, "batch": cfg["batch"], "backend": probe.get("backend"),
+        "method": "one subprocess per variant" if bl.FULL else "in-process (smoke run)",
         "stored_entries": counts["stored"], "dense_entries": counts["dense"], "variants": results,
         "dense_measured": "efcn_dense" in results,
         "dense_computed_train_state_bytes": counts["dense"] * TRAIN_BYTES_PER_ENTRY,

@@ -126,7 +126,8 @@ def _auto(device, op, dtype, batch, block_shape) -> str:
     candidates = [b for b in _AUTO_ORDER.get(device.type, ("reference",)) if _supports(b, device, dtype)]
     if not candidates:
         return "reference"
-    if op is not None and os.environ.get("EFCN_AUTO_TABLE", "1") != "0":
+    measurable = device.type != "cuda" or torch.cuda.is_available()  # not so under the Triton interpreter
+    if op is not None and len(candidates) > 1 and measurable and os.environ.get("EFCN_AUTO_TABLE", "1") != "0":
         measured = load_measured_table(device).get(_table_key(op, dtype, batch, block_shape))
         if measured in candidates:
             return measured

@@ -565,11 +565,13 @@ def relax(config: Optional[RelaxConfig] = None, out: str = "runs/relax", resume:
     if model_fn is not None and cfg.model == RelaxConfig.model:
         cfg.model = f"<python:{getattr(model_fn, '__qualname__', 'model_fn')}>"
     cfg.validate()
+    threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
         info = T.setup_distributed(cfg.device)
     except ValueError as e:
+        torch.set_num_threads(threads)
         raise RunError(str(e)) from e
     try:
         resuming = _prepare_dir(out, cfg, resume, force)
@@ -610,6 +612,7 @@ def relax(config: Optional[RelaxConfig] = None, out: str = "runs/relax", resume:
         return result
     finally:
         T.cleanup_distributed(info)
+        torch.set_num_threads(threads)
 
 
 def _plots(out: str, rep: _Reporter) -> None:

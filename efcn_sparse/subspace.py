@@ -104,8 +104,10 @@ class _Maps:
                 C = self._counts(s, min(s + step, self.U), tap_u, tap_k)
                 G += C.T @ C
         self.G = G
+        self.Gdiag = None  # diagonal G: divide (exact for sums of equal entries) rather than multiply
         if bool((G - torch.diag(G.diagonal())).eq(0).all()):
-            d = G.diagonal()
+            d = G.diagonal().clone()
+            self.Gdiag = torch.where(d > 0, d, torch.full_like(d, float("inf")))[:, None].to(dev)  # x / inf = 0
             Ginv = torch.diag(torch.where(d > 0, 1.0 / d.clamp(min=1), torch.zeros_like(d)))
         else:
             Ginv = torch.linalg.pinv(G, rtol=1e-10, hermitian=True)
@@ -204,18 +206,25 @@ class _Maps:
             return torch.ones(idx.numel(), self.BR, self.BC, dtype=torch.bool, device=idx.device)
         return lay.mask_patterns[lay.mask_ids[idx].long()]
 
-    def block_codes(self, lay, idx: Tensor) -> Tensor:
-        """[k, BR, BC] code of each entry of blocks ``idx`` (non-aligned layouts): -1 local, else the
-        off-local distance (entries outside the matrix get their nearest pixel's code; they are masked)."""
+    def _pixels(self, lay, idx: Tensor):
+        """Output pixel of each row [k, BR] and input pixel of each column [k, BC] of blocks ``idx``
+        (rows/columns outside the matrix get the last pixel; they are masked)."""
         dev = idx.device
         rows = lay.row_idx[idx].long()[:, None] * self.BR + torch.arange(self.BR, device=dev)
         cols = lay.col_idx[idx].long()[:, None] * self.BC + torch.arange(self.BC, device=dev)
-        po = (rows // self.Cout).clamp(max=self.M // self.Cout - 1)
-        pi = (cols // self.Cin).clamp(max=self.P_in - 1)
+        return (rows // self.Cout).clamp(max=self.M // self.Cout - 1), (cols // self.Cin).clamp(max=self.P_in - 1)
+
+    def pair_codes(self, po: Tensor, pi: Tensor) -> Tensor:
+        """Code of pixel pairs (broadcast shapes): -1 local, else the off-local distance."""
         if self.code_table is not None:
-            return self.code_table[po[:, :, None], pi[:, None, :]]
-        local, dist = self._codes(po[:, :, None], pi[:, None, :], self._pairs_dev)
+            return self.code_table.view(-1)[po * self.P_in + pi]
+        local, dist = self._codes(po, pi, self._pairs_dev)
         return torch.where(local, -1, dist)
+
+    def block_codes(self, lay, idx: Tensor) -> Tensor:
+        """[k, BR, BC] code of each entry of blocks ``idx`` (non-aligned layouts)."""
+        po, pi = self._pixels(lay, idx)
+        return self.pair_codes(po[:, :, None], pi[:, None, :])
 
     def segments(self, u0: int, u1: int):
         """(k, a, b): rows u0+a : u0+b all have their one tap at offset k (only when max_taps == 1)."""
@@ -241,12 +250,15 @@ class _Maps:
         """``values`` viewed as the rows ``_index`` selects (blocks, or single entries)."""
         return values if self.aligned else values.reshape(-1)
 
+    def _as_rows(self, buf: Tensor) -> Tensor:
+        return buf.view(-1, self.BR, self.BC) if self.aligned else buf
+
     def gather(self, values: Tensor, u0: int, u1: int, ws: "_Workspace") -> Tensor:
         """X[u0:u1] as [u, D] float64 (in a workspace buffer, valid until the next gather)."""
         n = (u1 - u0) * self.D
         idx = self._index(u0, u1, values.device)
         raw = ws.get("raw", n, values.dtype, values.device)
-        torch.index_select(self._rows(values), 0, idx, out=raw.view((idx.numel(),) + tuple(values.shape[1:]) if self.aligned else (-1,)))
+        torch.index_select(self._rows(values), 0, idx, out=self._as_rows(raw))
         x = ws.get("x", n, torch.float64, values.device).copy_(raw).view(u1 - u0, self.D)
         return x if not self.aligned or self.tile_mask is None else x.mul_(self.tile_mask)
 
@@ -254,7 +266,7 @@ class _Maps:
         """Write X[u0:u1] ([u, D]) into ``out`` (values layout)."""
         idx = self._index(u0, u1, out.device)
         raw = ws.get("raw", x.numel(), out.dtype, out.device).copy_(x.reshape(-1))
-        self._rows(out).index_copy_(0, idx, raw.view((idx.numel(),) + tuple(out.shape[1:]) if self.aligned else (-1,)))
+        self._rows(out).index_copy_(0, idx, self._as_rows(raw))
 
     def to_space(self, K: Tensor) -> Tensor:
         """Kernel [KK, Cout * cig] -> [KK, D] (local space of one pair)."""
@@ -289,7 +301,8 @@ class _Maps:
                     b[k] += x[a:e].sum(0)
             else:
                 b.addmm_(self._counts(u0, u1).T, x)
-        return self.Ginv @ self.from_space(b), local2
+        b = self.from_space(b)
+        return (b / self.Gdiag if self.Gdiag is not None else self.Ginv @ b), local2
 
     def embed_local(self, Ks: Tensor, u0: int, u1: int, ws: "_Workspace") -> Tensor:
         """(E K)[u0:u1] as [u, D] (workspace buffer), K given in local space (``to_space``)."""
@@ -379,6 +392,10 @@ def project_values(m: SparseEFCN):
     return out, b
 
 
+def _wide(t: Tensor) -> Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _add_hist(h: Tensor, d: Tensor, w: Tensor) -> Tensor:
     if d.numel() == 0:
         return h
@@ -402,7 +419,7 @@ def _layer_stats(m: SparseEFCN, ws: Optional["_Workspace"] = None) -> dict:
         step = max(1, _CHUNK // (mp.BR * mp.BC))
         for s in range(0, mp.off_blocks.numel(), step):
             idx = mp.off_blocks[s:s + step]
-            sq = v[idx].square()
+            sq = _wide(v[idx]).square()
             if lay.mask_patterns is not None:
                 sq.mul_(lay.mask_patterns[lay.mask_ids[idx].long()])
             bsq = sq.sum((1, 2), dtype=torch.float64)
@@ -411,12 +428,21 @@ def _layer_stats(m: SparseEFCN, ws: Optional["_Workspace"] = None) -> dict:
     else:  # tiles span several pixels: per-entry codes, on the blocks holding off-local entries
         step = max(1, _CHUNK // (mp.BR * mp.BC))
         for idx in mp.off_blocks.split(step):
-            sq = v[idx].square()
-            code = mp.block_codes(lay, idx)
-            sel = (code >= 0) & mp._block_mask(lay, idx)
-            w = sq[sel].double()
+            sq = _wide(v[idx]).square()
+            if lay.mask_patterns is not None:
+                sq.mul_(lay.mask_patterns[lay.mask_ids[idx].long()])
+            po, pi = mp._pixels(lay, idx)
+            # a code depends on the pixel pair only: sum over the channels first where a block's
+            # rows (or columns) all belong to one pixel
+            if mp.Cout % mp.BR == 0:
+                sq, code = sq.sum(1, dtype=torch.float64), mp.pair_codes(po[:, :1], pi)
+            elif mp.Cin % mp.BC == 0:
+                sq, code = sq.sum(2, dtype=torch.float64), mp.pair_codes(po, pi[:, :1])
+            else:
+                sq, code = sq.double(), mp.pair_codes(po[:, :, None], pi[:, None, :])
+            w = sq.mul_(code >= 0).reshape(-1)  # local entries weigh 0
             off += w.sum()
-            by_dist = _add_hist(by_dist, code[sel].long(), w)
+            by_dist = _add_hist(by_dist, code.reshape(-1).clamp(min=0).long(), w)
 
     K, local2 = mp.kernel(v, ws)  # every stored entry is local or off-local: ||W||^2 = local2 + off
     Ks = mp.to_space(K)

@@ -22,7 +22,7 @@ def main(argv=None):
 
     if args.tiny:
         cfg = RelaxConfig(dataset="synthetic", image_size=28, train_size=64, test_size=32, width=2, epochs=2,
-                          relax_times=[0, 1], batch_size=32, lr=0.05, momentum=0.9)
+                          relax_times=[0, 2], batch_size=32, lr=0.05, momentum=0.9, threads=1)
     else:
         cfg = RelaxConfig(dataset="fashion-mnist", data_dir=args.data_dir, train_size=1000, test_size=1000,
                           model="skinny", width=16, epochs=6, relax_times=[0, 1, 2, 4], batch_size=50,

@@ -16,7 +16,7 @@ ROOT = os.path.dirname(HERE)
 # the tiny model of test_protocol.py, through the module:function form
 TINY = ["--model", "test_protocol:tiny_cnn", "--dataset", "synthetic", "--image-size", "12", "--train-size", "30",
         "--test-size", "20", "--epochs", "1", "--relax-times", "0,1", "--batch-size", "16", "--width", "4",
-        "--device", "cpu", "--lr", "0.05"]
+        "--device", "cpu", "--lr", "0.05", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,8 @@ def tiny_cnn(in_channels=1, image_size=12, num_classes=4, width=4):
 
 # 45 examples, batch 24: the last batch (21) splits unevenly over 2 ranks
 TINY = dict(model="test_protocol:tiny_cnn", dataset="synthetic", image_size=12, train_size=45, test_size=40,
-            epochs=2, relax_times=[0, 1, 2], batch_size=24, lr=0.05, momentum=0.9, width=4, device="cpu")
+            epochs=2, relax_times=[0, 1, 2], batch_size=24, lr=0.05, momentum=0.9, width=4, device="cpu",
+            threads=1)  # one thread: tiny ops crawl when OpenMP threads compete on a busy machine
 DETERMINISTIC = [f for f in CSV_FIELDS if f not in ("epoch_time_s", "eval_time_s", "peak_mem_mb")] + [
     "offlocal_by_distance", "layers"]
 DIAGNOSTICS = ("deviation", "offlocal_ratio", "sharing_deviation", "bias_deviation", "weight_norm",

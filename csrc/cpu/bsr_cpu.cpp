@@ -27,7 +27,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 #include <sys/mman.h>
 #include <optional>
 #include <tuple>
@@ -40,8 +39,7 @@ namespace {
 
 // Longest K (in elements) one packed panel holds. Longer rows/columns/batches are split at
 // fixed points into groups whose partial results are summed through the output.
-static const int64_t kKMax = std::getenv("EFCN_KMAX") ? std::atoll(std::getenv("EFCN_KMAX")) : 1024;
-static const bool kQOuter = std::getenv("EFCN_QOUTER") && std::getenv("EFCN_QOUTER")[0] == '1';
+constexpr int64_t kKMax = 1024;
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -114,14 +112,26 @@ void check_operand(const at::Tensor& t, const char* name, at::ScalarType dtype) 
 
 bool is_half(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
-// Runs body(u0, u1) over [0, n) on at::parallel_for's threads, handing out chunks of about
-// n / (16 threads) items dynamically: a thread that is descheduled (the CPUs are often shared)
-// holds back one chunk, not 1/threads of the work. init() makes each thread's scratch state;
-// body(state, u0, u1). Which thread runs an item never changes its result.
+// Work (multiply-adds, or elements moved) below which a loop runs on the calling thread: waking
+// the OpenMP team costs microseconds on an idle machine and a scheduler time slice on a busy one.
+constexpr int64_t kParallelWork = int64_t{1} << 21;
+
+// Grain for at::parallel_for over items of `per_item` work each.
+int64_t grain_for(int64_t per_item) { return std::max<int64_t>(1, kParallelWork / std::max<int64_t>(per_item, 1)); }
+
+// Runs body(state, u0, u1) over [0, n), `work` in total, on at::parallel_for's threads, handing
+// out chunks of about n / (16 threads) items dynamically: a thread that is descheduled (the
+// CPUs are often shared) holds back one chunk, not 1/threads of the work. init() makes each
+// thread's scratch state. Which thread runs an item never changes its result.
 template <typename Init, typename Body>
-void parallel_dynamic(int64_t n, Init init, Body body) {
+void parallel_dynamic(int64_t n, int64_t work, Init init, Body body) {
   if (n <= 0) return;
   const int64_t nt = std::min<int64_t>(at::get_num_threads(), n);
+  if (nt <= 1 || work < kParallelWork || at::in_parallel_region()) {
+    auto state = init();
+    body(state, 0, n);
+    return;
+  }
   const int64_t chunk = std::max<int64_t>(1, n / (16 * nt));
   std::atomic<int64_t> next{0};
   at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
@@ -143,7 +153,7 @@ int64_t batch_chunks(int64_t slices, int64_t nbt) {
 // last row: the streamed operand (x or dy) as batch tiles whose columns are contiguous panels.
 template <typename T>
 void pack_batch_tiles(const T* src, int64_t rows, int64_t F, T* dst) {
-  at::parallel_for(0, cdiv(rows, kMR), 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, cdiv(rows, kMR), grain_for(F * kMR), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       T* d = dst + t * F * kMR;
       const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - t * kMR));
@@ -171,23 +181,26 @@ struct Seg {
 
 // Calls fn(segs, K, first, last) on consecutive groups of the K entries of blocks [p0, p1):
 // extent(p) is the in-range K of block p, make(p, k0, k) the segment of its entries [k0, k0+k).
-// Groups hold kKMax entries (the last one fewer); blocks are cut where a group fills up, so the
-// cut points depend on the layout alone.
+// The K entries are split into the fewest groups of at most kKMax, of near-equal size; blocks
+// are cut where a group fills up, so the cut points depend on the layout alone.
 template <typename T, typename Extent, typename Make, typename Fn>
 void for_each_group(int64_t p0, int64_t p1, Extent extent, Make make, std::vector<Seg<T>>& segs, Fn fn) {
+  int64_t total = 0;
+  for (int64_t p = p0; p < p1; ++p) total += extent(p);
+  const int64_t kmax = cdiv(total, cdiv(total, kKMax));
   segs.clear();
   int64_t K = 0;
   bool first = true;
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t kp = extent(p);
     for (int64_t k0 = 0; k0 < kp;) {
-      if (K == kKMax) {
+      if (K == kmax) {
         fn(segs, K, first, false);
         first = false;
         segs.clear();
         K = 0;
       }
-      const int64_t k = std::min(kp - k0, kKMax - K);
+      const int64_t k = std::min(kp - k0, kmax - K);
       segs.push_back(make(p, k0, k));
       K += k;
       k0 += k;
@@ -232,7 +245,7 @@ void load_kernels(MicroKernel<T>* kern) {
 // blocks as [nq][K][NR] with columns past nv zero.
 template <typename T, typename Blocks, typename PackB>
 void slice_gemm(const T* a, int64_t B, int64_t F, T* out, int64_t ldc, int64_t n_groups, int64_t side,
-                int64_t out_cols, const T* bias, Blocks blocks, PackB pack_b) {
+                int64_t out_cols, const T* bias, int64_t work, Blocks blocks, PackB pack_b) {
   constexpr int NR = kNR<T>;
   const int64_t nq = cdiv(side, NR), nbt = cdiv(B, kMR);
   at::Tensor ap_t = empty_huge({nbt * F * kMR}, c10::CppTypeToScalarType<T>::value);
@@ -247,8 +260,8 @@ void slice_gemm(const T* a, int64_t B, int64_t F, T* out, int64_t ldc, int64_t n
     std::vector<int64_t> offs, ks;
     std::vector<Seg<T>> segs;
   };
-  auto init = [&] { return Scratch{std::vector<T>(nq * kKMax * NR), {}, {}, {}}; };
-  parallel_dynamic(n_groups * nch, init, [&](Scratch& st, int64_t u0, int64_t u1) {
+  auto init = [&] { return Scratch{std::vector<T>(nq * std::min(kKMax, F) * NR), {}, {}, {}}; };
+  parallel_dynamic(n_groups * nch, work, init, [&](Scratch& st, int64_t u0, int64_t u1) {
     std::vector<T>& bpack = st.bpack;
     std::vector<int64_t>&offs = st.offs, &ks = st.ks;
     alignas(64) T tile[kMR * NR];
@@ -271,19 +284,14 @@ void slice_gemm(const T* a, int64_t B, int64_t F, T* out, int64_t ldc, int64_t n
           offs[s] = sg[s].a_off * kMR;
           ks[s] = sg[s].k;
         }
-        auto run = [&](int64_t bt, int64_t q) {
+        for (int64_t bt = bt0; bt < bt1; ++bt) {
           const int mr = static_cast<int>(std::min<int64_t>(kMR, B - bt * kMR));
-          kern[mr](ap + bt * F * kMR, offs.data(), ks.data(), static_cast<int>(sg.size()), bpack.data() + q * K * NR,
-                   tile);
-          store_tile(tile, mr, std::min<int64_t>(NR, nv - q * NR), o + bt * kMR * ldc + q * NR, ldc, !first,
-                     (last && bias_g) ? bias_g + q * NR : nullptr);
-        };
-        if (kQOuter) {
-          for (int64_t q = 0; q < nq; ++q)
-            for (int64_t bt = bt0; bt < bt1; ++bt) run(bt, q);
-        } else {
-          for (int64_t bt = bt0; bt < bt1; ++bt)
-            for (int64_t q = 0; q < nq; ++q) run(bt, q);
+          for (int64_t q = 0; q < nq; ++q) {
+            kern[mr](ap + bt * F * kMR, offs.data(), ks.data(), static_cast<int>(sg.size()), bpack.data() + q * K * NR,
+                     tile);
+            store_tile(tile, mr, std::min<int64_t>(NR, nv - q * NR), o + bt * kMR * ldc + q * NR, ldc, !first,
+                       (last && bias_g) ? bias_g + q * NR : nullptr);
+          }
         }
       });
     }
@@ -310,7 +318,7 @@ void forward_kernel(const T* x, const T* w, const T* bias, const int32_t* crow, 
       }
     }
   };
-  slice_gemm<T>(x, B, N, y, M, cdiv(M, BR), BR, M, bias, blocks, pack_b);
+  slice_gemm<T>(x, B, N, y, M, cdiv(M, BR), BR, M, bias, B * crow[cdiv(M, BR)] * BR * BC, blocks, pack_b);
 }
 
 // ------------------------------------------------------------------------------ grad_input
@@ -339,7 +347,7 @@ void grad_input_kernel(const T* dy, const T* w, const int32_t* ccol, const int32
       }
     }
   };
-  slice_gemm<T>(dy, B, M, dx, N, cdiv(N, BC), BC, N, nullptr, blocks, pack_b);
+  slice_gemm<T>(dy, B, M, dx, N, cdiv(N, BC), BC, N, nullptr, B * ccol[cdiv(N, BC)] * BR * BC, blocks, pack_b);
 }
 
 // ------------------------------------------------------------------------------ grad_weight
@@ -359,7 +367,7 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
   T* xp = x_t.data_ptr<T>();
   // kRows batch rows at a time: reads are kRows sequential streams, writes contiguous runs.
   constexpr int64_t kRows = 16;
-  at::parallel_for(0, cdiv(B, kRows), 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, cdiv(B, kRows), grain_for(kRows * (M + N)), [&](int64_t c0, int64_t c1) {
     for (int64_t b0 = c0 * kRows; b0 < std::min(B, c1 * kRows); b0 += kRows) {
       const int64_t b1 = std::min(B, b0 + kRows);
       for (int64_t i = 0; i < nbr; ++i) {
@@ -390,7 +398,7 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
   MicroKernel<T> kern[kMR + 1];
   load_kernels(kern);
   const int64_t zero = 0;
-  parallel_dynamic(nnzb, [] { return 0; }, [&](int, int64_t p0, int64_t p1) {
+  parallel_dynamic(nnzb, nnzb * B * blk, [] { return 0; }, [&](int, int64_t p0, int64_t p1) {
     alignas(64) T tile[kMR * NR];
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t i = row[p], j = col[p];

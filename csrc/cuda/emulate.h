@@ -57,6 +57,7 @@ struct Thread {
 
 struct Warp {
   int live = 0, arrived = 0;
+  const char* kind = nullptr;  // the collective in flight: all lanes must be in the same one
   unsigned gen = 0;
   uint32_t in[32][8];   // lane inputs of the collective in flight
   const void* ptr[32];  // lane addresses (ldmatrix)
@@ -161,9 +162,11 @@ inline void syncthreads() {
 }
 
 // Warp collective: every lane deposits its inputs, the last lane to arrive computes all results.
-inline void warp_collective(const std::function<void(Warp&)>& compute) {
+inline void warp_collective(const char* kind, const std::function<void(Warp&)>& compute) {
   Warp& w = blk().warps[cur().warp];
-  if (w.live != 32) fail("warp collective with a partial warp" + where(nullptr));
+  if (w.live != 32) fail(std::string(kind) + " with a partial warp" + where(nullptr));
+  if (w.arrived == 0) w.kind = kind;
+  if (std::strcmp(w.kind, kind) != 0) fail(std::string("divergent warp: lanes in ") + w.kind + " and " + kind + where(nullptr));
   if (++w.arrived == w.live) {
     compute(w);
     w.arrived = 0;
@@ -206,7 +209,7 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* p, bool trans) {
   Warp& w = blk().warps[cur().warp];
   const int lane = cur().lane;
   w.ptr[lane] = p;
-  warp_collective([trans](Warp& w) {
+  warp_collective(trans ? "ldmatrix.trans" : "ldmatrix", [trans](Warp& w) {
     auto elem = [&](int mat, int row, int col) {
       uint16_t v;
       std::memcpy(&v, static_cast<const char*>(w.ptr[8 * mat + row]) + 2 * col, 2);
@@ -236,7 +239,7 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)
   w.in[lane][4] = b[0];
   w.in[lane][5] = b[1];
   for (int i = 0; i < 4; ++i) std::memcpy(&w.out[lane][i], &d[i], 4);
-  warp_collective([bf16](Warp& w) {
+  warp_collective("mma", [bf16](Warp& w) {
     float A[16][16], B[16][8], C[16][8];
     auto lo = [&](uint32_t v) { return bits_to_float(static_cast<uint16_t>(v & 0xFFFF), bf16); };
     auto hi = [&](uint32_t v) { return bits_to_float(static_cast<uint16_t>(v >> 16), bf16); };

@@ -84,6 +84,6 @@ def grad_weight(dy, x, row_idx, col_idx, mask_ids: Optional[torch.Tensor], mask_
         dyg = dyb[:, rows[s:e]].permute(1, 2, 0)  # [k, BR, B]
         xg = xb[:, cols[s:e]].transpose(0, 1)  # [k, B, BC]
         torch.bmm(dyg, xg, out=out[s:e])
-    if mask_ids is not None:
-        out *= mask_patterns[mask_ids.long()].to(cd)
+    if mask_ids is not None:  # where, not multiply: masked entries stay exactly 0 even for non-finite inputs
+        out = torch.where(mask_patterns[mask_ids.long()], out, out.new_zeros(()))
     return out.to(dy.dtype)

@@ -102,7 +102,7 @@ def _check_dtype(t: Tensor) -> None:
 def _heuristic(kind: str, B: int, BRP: int, BCP: int, dtype: torch.dtype) -> dict:
     """The configuration used when autotuning is off: a batch tile near the batch, as many
     pipeline stages as fit a conservative shared-memory budget, warps by tile size."""
-    el = torch.empty((), dtype=dtype).element_size()
+    el = dtype.itemsize
     block_b = min(_pow2(max(B, 16)), 64 if kind == "grad_weight" or el >= 4 else 128)
     k_side, out_side = {"forward": (BCP, BRP), "grad_input": (BRP, BCP), "grad_weight": (BRP, BCP)}[kind]
 

@@ -1,0 +1,39 @@
+"""The scripts in examples/ run at tiny sizes and do what they claim."""
+
+import os
+import runpy
+import sys
+
+import pytest
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def _run(name, *args):
+    """Run examples/NAME's main(ARGS) in this process (importing is cheaper than a subprocess)."""
+    mod = runpy.run_path(os.path.join(EXAMPLES, name), run_name="example")
+    return mod["main"](list(args))
+
+
+def test_relax_protocol_example(tmp_path, capsys):
+    result = _run("relax_protocol.py", "--tiny", "--out", str(tmp_path / "run"))
+    assert set(result["arms"]) == {"cnn", "efcn_tw0", "efcn_tw2", "fcn"}
+    assert result["arms"]["efcn_tw2"]["deviation"] == 0.0  # t_w = T: no FCN-space step
+    assert result["arms"]["efcn_tw0"]["deviation"] > 0
+    out = capsys.readouterr().out
+    assert "relaxed at t_w=0" in out and os.path.isfile(tmp_path / "run" / "figures" / "relax_final_acc.png")
+
+
+def test_embed_resnet18_example(capsys):
+    dev = _run("embed_resnet18.py", "--width", "2", "--image-size", "8", "--batch", "2")
+    out = capsys.readouterr().out
+    err = float(out.split("max relative difference eFCN vs CNN (eval mode):")[1].split()[0])
+    assert err < 1e-5
+    assert "layer4.1.conv2" in out and "total" in out
+    assert dev["total"]["deviation"] > 0 and dev["total"]["offlocal_ratio"] == 0.0  # halo 0: locality kept
+
+
+def test_block_sparse_layer_example(capsys):
+    losses, outside = _run("block_sparse_layer.py", "--steps", "60", "--hidden", "64")
+    assert outside == 0  # only stored blocks are trained
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
