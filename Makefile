@@ -8,7 +8,7 @@ export CUDA_HOME ?= /usr/local/cuda
 STAMP := $(VENV)/.installed
 EXT_SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: run test bench sanitize clean
+.PHONY: run data test bench sanitize clean
 
 $(VENV)/.deps: requirements-dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,14 +20,58 @@ $(STAMP): $(VENV)/.deps $(EXT_SOURCES)
 	$(BIN)/pip install -q -e . --no-build-isolation
 	touch $@
 
-run: $(STAMP)
-	$(BIN)/python -m efcn_sparse demo
+# Fashion-MNIST for `make run`: the Debian package dataset-fashion-mnist (idx files in
+# /usr/share/datasets/fashion-mnist); without root its files are extracted into data/fashion-mnist.
+FMNIST_SYS := /usr/share/datasets/fashion-mnist
+FMNIST_LOCAL := data/fashion-mnist
+# The quick default of `make run`: 1000/1000 Fashion-MNIST examples, the paper's small CNN at width
+# 16, T = 10 epochs, relax times 0,1,3,5,10; under 10 minutes on 2 CPU cores even with the
+# pure-PyTorch reference kernels. THREADS=1 is robust when other jobs share the cores (competing
+# OpenMP threads slow small ops 5-10x); use THREADS=2 on an idle machine.
+RUN_DIR ?= runs/fashion-mnist-quick
+THREADS ?= 1
+RELAX_ARGS ?= --dataset fashion-mnist --model skinny --width 16 --train-size 1000 --test-size 1000 \
+	--epochs 10 --relax-times 0,1,3,5,10 --batch-size 50 --lr 0.03 --lr-schedule cosine --momentum 0.9
+
+data:
+	@if [ -f $(FMNIST_SYS)/t10k-labels-idx1-ubyte.gz ] || [ -f $(FMNIST_LOCAL)/t10k-labels-idx1-ubyte.gz ]; then \
+		echo "Fashion-MNIST: found"; \
+	elif [ "$$(id -u)" = 0 ] && [ -z "$(DATA_NO_ROOT)" ]; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y dataset-fashion-mnist || { apt-get update && apt-get install -y dataset-fashion-mnist; }; \
+	else \
+		set -e; rm -rf data/.deb; mkdir -p data/.deb $(FMNIST_LOCAL); \
+		(cd data/.deb && apt-get download dataset-fashion-mnist) || { echo "apt-get download failed: ask \
+an administrator for 'apt-get update', or put the four idx .gz files into $(FMNIST_LOCAL)"; exit 1; }; \
+		dpkg-deb -x data/.deb/dataset-fashion-mnist_*.deb data/.deb/root; \
+		cp data/.deb/root/usr/share/datasets/fashion-mnist/*.gz $(FMNIST_LOCAL)/; rm -rf data/.deb; \
+		echo "Fashion-MNIST extracted into $(FMNIST_LOCAL)"; \
+	fi
+
+run: $(STAMP) data
+	$(BIN)/efcn relax $(RELAX_ARGS) --threads $(THREADS) --out $(RUN_DIR) --resume
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests benchmarks -q
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks/ --benchmark
+
+# AddressSanitizer + UBSan: builds the CPU extension into $(SAN)/ (the in-place build is left
+# alone), copies the package there around it, and runs the CPU op tests against that copy.
+# Python is not instrumented, so the ASan runtime is preloaded; leak checks are off (CPython).
+SAN := build/sanitize
+SAN_ENV := PYTHONPATH=$(CURDIR)/$(SAN)/pkg LD_PRELOAD=$$($(CXX) -print-file-name=libasan.so) \
+	ASAN_OPTIONS=detect_leaks=0:alloc_dealloc_mismatch=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+SAN_TESTS ?= tests/test_cpu_backend.py
+
+sanitize: $(VENV)/.deps
+	rm -rf $(SAN)/pkg $(SAN)/lib
+	EFCN_SANITIZE=1 EFCN_NO_CUDA=1 $(BIN)/python setup.py -q build_ext --build-lib $(SAN)/lib --build-temp $(SAN)/tmp
+	mkdir -p $(SAN)/pkg && cp -r efcn_sparse $(SAN)/pkg/ && rm -f $(SAN)/pkg/efcn_sparse/_C*.so
+	cp $(SAN)/lib/efcn_sparse/_C*.so $(SAN)/pkg/efcn_sparse/
+	cd $(SAN) && $(SAN_ENV) $(CURDIR)/$(BIN)/python -c "import efcn_sparse._C as c; assert '$(SAN)/pkg' in c.__file__, c.__file__"
+	$(SAN_ENV) $(BIN)/pytest -q -p no:cacheprovider $(SAN_TESTS)
 
 clean:
 	rm -rf build *.egg-info efcn_sparse/_C*.so $(STAMP)

@@ -134,6 +134,8 @@ def _add_relax(sub) -> None:
     g = p.add_argument_group("optimization")
     g.add_argument("--optimizer", choices=("sgd", "adam"), default=d.optimizer)
     g.add_argument("--lr", type=_positive(float), default=d.lr)
+    g.add_argument("--lr-schedule", choices=("constant", "cosine"), default=d.lr_schedule,
+                   help="cosine: decay over the protocol's global epochs (an eFCN continues the CNN's schedule)")
     g.add_argument("--momentum", type=_non_negative(float), default=d.momentum, help="SGD momentum")
     g.add_argument("--weight-decay", type=_non_negative(float), default=d.weight_decay)
     g.add_argument("--batch-size", type=_positive(int), default=d.batch_size, help="global batch (split across ranks)")
@@ -159,7 +161,8 @@ def _relax(args) -> int:
                       download=args.download, train_size=args.train_size, test_size=args.test_size,
                       image_size=args.image_size, epochs=args.epochs, relax_times=args.relax_times,
                       n_relax=args.n_relax, after=args.after, halo=args.halo, block_shape=args.block_shape,
-                      fcn=args.fcn, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+                      fcn=args.fcn, optimizer=args.optimizer, lr=args.lr, lr_schedule=args.lr_schedule,
+                      momentum=args.momentum,
                       weight_decay=args.weight_decay, batch_size=args.batch_size,
                       eval_batch_size=args.eval_batch_size, seed=args.seed, device=args.device, backend=args.backend,
                       threads=args.threads)

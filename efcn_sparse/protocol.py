@@ -48,6 +48,7 @@ __all__ = ["RelaxConfig", "relax", "relax_grid", "build_model", "merge", "load_r
            "CSV_FIELDS"]
 
 Halo = Union[int, str]
+LR_SCHEDULES = ("constant", "cosine")
 
 
 class RunError(RuntimeError):
@@ -75,6 +76,7 @@ class RelaxConfig:
     fcn: bool = True
     optimizer: str = "sgd"
     lr: float = 0.1
+    lr_schedule: str = "constant"  # or "cosine": over the global epochs 0..T of the protocol
     momentum: float = 0.0
     weight_decay: float = 0.0
     batch_size: int = 250
@@ -124,6 +126,8 @@ class RelaxConfig:
         if self.optimizer.lower() not in T.OPTIMIZERS:
             bad(f"--optimizer must be one of {', '.join(T.OPTIMIZERS)}, got {self.optimizer!r}")
         self.optimizer = self.optimizer.lower()
+        if self.lr_schedule not in LR_SCHEDULES:
+            bad(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             bad(f"--lr must be > 0, got {self.lr}")
         if self.momentum < 0 or self.weight_decay < 0:
@@ -143,6 +147,17 @@ class RelaxConfig:
 
     def efcn_epochs(self, t_w: int) -> int:
         return self.after if self.after is not None else self.epochs - t_w
+
+    def lr_at(self, epoch: int, t_w: Optional[int] = None) -> float:
+        """Learning rate of the epoch that starts at global epoch ``epoch`` (0-based).
+
+        The schedule runs over the protocol's global epochs, so an eFCN relaxed at t_w continues
+        where the CNN was; with ``after`` its horizon is max(T, t_w + after).
+        """
+        if self.lr_schedule == "constant":
+            return self.lr
+        horizon = self.epochs if t_w is None else max(self.epochs, t_w + self.efcn_epochs(t_w))
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(epoch, horizon) / horizon))
 
     @classmethod
     def from_dict(cls, d: dict) -> "RelaxConfig":
@@ -215,7 +230,7 @@ def build_model(spec: Union[str, Callable[..., nn.Module]], info: DataInfo, widt
 
 
 # ---------------------------------------------------------------------------------------- metrics I/O
-CSV_FIELDS = ["arm", "kind", "t_w", "epoch", "epochs_trained", "train_loss", "train_acc", "test_loss", "test_acc",
+CSV_FIELDS = ["arm", "kind", "t_w", "epoch", "epochs_trained", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
               "proj_test_loss", "proj_test_acc", "deviation", "offlocal_ratio", "sharing_deviation",
               "bias_deviation", "weight_norm", "epoch_time_s", "eval_time_s", "peak_mem_mb"]
 _TIMING_FIELDS = ("epoch_time_s", "eval_time_s", "peak_mem_mb")
@@ -323,7 +338,7 @@ class _Reporter:
 
 
 def _fault_hook():
-    """Test hook: EFCN_FAULT_AFTER_BATCHES=n kills the process (no clean-up) before the n-th batch."""
+    """Test hook: EFCN_FAULT_AFTER_BATCHES=n kills the process (os._exit, no clean-up) after n batches."""
     n = int(os.environ.get("EFCN_FAULT_AFTER_BATCHES", "0") or 0)
     if n <= 0:
         return None
@@ -466,12 +481,15 @@ class _Run:
         bar = self.rep.bar(n_epochs, arm, initial=start)
         for k in range(start + 1, n_epochs + 1):
             T.reset_peak_memory(d.device)
+            lr = c.lr_at((t_w or 0) + k - 1, t_w if kind == "efcn" else None)
+            for g in opt.param_groups:
+                g["lr"] = lr
             bbar = self.rep.bar(self.xtr.shape[0], f"{arm} epoch {k}", leave=False, unit="ex")
             tr = T.train_epoch(net, opt, self.xtr, self.ytr, c.batch_size, T.epoch_seed(c.seed, arm, k), d,
                                progress=bbar.update if bbar is not None else None, on_batch=self.fault)
             if bbar is not None:
                 bbar.close()
-            self.append(self.measure(arm, kind, t_w, k, model, tr))
+            self.append(dict(self.measure(arm, kind, t_w, k, model, tr), lr=lr))
             if kind == "cnn" and k in snapshots:
                 self.save({"model": model.state_dict(), "epoch": k}, f"cnn_at_{k}")
             self.save_arm(arm, model, opt, k, k == n_epochs)
@@ -660,7 +678,8 @@ def summarize(run_dir: str) -> dict:
              + f" on {d['name']}",
              "",
              f"{d['train_size']} training / {d['test_size']} test examples, T = {cfg['epochs']} epochs, "
-             f"halo = {cfg['halo']}, {cfg['optimizer']} lr {cfg['lr']} momentum {cfg['momentum']} "
+             f"halo = {cfg['halo']}, {cfg['optimizer']} lr {cfg['lr']} ({cfg.get('lr_schedule', 'constant')}) "
+             f"momentum {cfg['momentum']} "
              f"weight decay {cfg['weight_decay']}, batch {cfg['batch_size']}, seed {cfg['seed']}.",
              "",
              "| arm | t_w | epochs | train acc % | test acc % | projected CNN test acc % | deviation | off-local | "

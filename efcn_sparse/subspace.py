@@ -134,6 +134,7 @@ class _Maps:
             local, dist = self._codes(bpo, bpi, pairs)
             off = torch.nonzero(~local).reshape(-1)
             self.off_blocks, self.off_dist = off.to(dev), dist[off].to(dev)
+            self.max_dist = int(dist[off].max()) if off.numel() else 0
         else:
             self.D = self.Cout * self.cig
             self.flat = self._flat_index(0, self.U).to(dev) if self.U * self.D <= _FLAT_CACHE_MAX else None
@@ -150,8 +151,11 @@ class _Maps:
                 self.code_table = torch.where(local, -1, dist).to(torch.int16).to(dev)
             lay_dev = lay.to(dev)
             step = max(1, _CHUNK // (self.BR * self.BC))
-            has_off = [((self.block_codes(lay_dev, idx) >= 0) & self._block_mask(lay_dev, idx)).flatten(1).any(1)
-                       for idx in torch.arange(lay.nnzb, device=dev).split(step)]
+            has_off, self.max_dist = [], 0
+            for idx in torch.arange(lay.nnzb, device=dev).split(step):
+                code = self.block_codes(lay_dev, idx).masked_fill_(~self._block_mask(lay_dev, idx), -1)
+                has_off.append(code.flatten(1).amax(1) >= 0)
+                self.max_dist = max(self.max_dist, int(code.max()) if code.numel() else 0)
             self.off_blocks = torch.nonzero(torch.cat(has_off)).reshape(-1) if has_off else \
                 torch.zeros(0, dtype=torch.int64, device=dev)
 
@@ -392,19 +396,6 @@ def project_values(m: SparseEFCN):
     return out, b
 
 
-def _wide(t: Tensor) -> Tensor:
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-def _add_hist(h: Tensor, d: Tensor, w: Tensor) -> Tensor:
-    if d.numel() == 0:
-        return h
-    n = int(d.max()) + 1
-    if n > h.numel():
-        h = torch.cat([h, h.new_zeros(n - h.numel())])
-    return h.index_add_(0, d, w)
-
-
 def _layer_stats(m: SparseEFCN, ws: Optional["_Workspace"] = None) -> dict:
     """Sums of squares (float64 tensors) of one layer: total, local, off-local (also by distance),
     residual of the local part, bias and its residual."""
@@ -414,35 +405,36 @@ def _layer_stats(m: SparseEFCN, ws: Optional["_Workspace"] = None) -> dict:
     lay = m.layout
     zero = torch.zeros((), dtype=torch.float64, device=dev)
     off = zero.clone()
-    by_dist = torch.zeros(1, dtype=torch.float64, device=dev)
+    by_dist = torch.zeros(mp.max_dist + 1, dtype=torch.float64, device=dev)
     if mp.aligned:  # whole blocks are off-local
         step = max(1, _CHUNK // (mp.BR * mp.BC))
         for s in range(0, mp.off_blocks.numel(), step):
             idx = mp.off_blocks[s:s + step]
-            sq = _wide(v[idx]).square()
+            sq = v[idx].double().square_()
             if lay.mask_patterns is not None:
                 sq.mul_(lay.mask_patterns[lay.mask_ids[idx].long()])
-            bsq = sq.sum((1, 2), dtype=torch.float64)
+            bsq = sq.sum((1, 2))
             off += bsq.sum()
-            by_dist = _add_hist(by_dist, mp.off_dist[s:s + step], bsq)
+            by_dist.index_add_(0, mp.off_dist[s:s + step], bsq)
     else:  # tiles span several pixels: per-entry codes, on the blocks holding off-local entries
         step = max(1, _CHUNK // (mp.BR * mp.BC))
         for idx in mp.off_blocks.split(step):
-            sq = _wide(v[idx]).square()
+            sq = v[idx].double().square_()
             if lay.mask_patterns is not None:
                 sq.mul_(lay.mask_patterns[lay.mask_ids[idx].long()])
             po, pi = mp._pixels(lay, idx)
             # a code depends on the pixel pair only: sum over the channels first where a block's
             # rows (or columns) all belong to one pixel
             if mp.Cout % mp.BR == 0:
-                sq, code = sq.sum(1, dtype=torch.float64), mp.pair_codes(po[:, :1], pi)
+                sq, code = sq.sum(1), mp.pair_codes(po[:, :1], pi)
             elif mp.Cin % mp.BC == 0:
-                sq, code = sq.sum(2, dtype=torch.float64), mp.pair_codes(po, pi[:, :1])
+                sq, code = sq.sum(2), mp.pair_codes(po, pi[:, :1])
             else:
-                sq, code = sq.double(), mp.pair_codes(po[:, :, None], pi[:, None, :])
+                code = mp.pair_codes(po[:, :, None], pi[:, None, :])
             w = sq.mul_(code >= 0).reshape(-1)  # local entries weigh 0
             off += w.sum()
-            by_dist = _add_hist(by_dist, code.reshape(-1).clamp(min=0).long(), w)
+            # entries beyond the stored support are masked (weight 0): clamp their codes into range
+            by_dist.index_add_(0, code.reshape(-1).long().clamp_(0, mp.max_dist), w)
 
     K, local2 = mp.kernel(v, ws)  # every stored entry is local or off-local: ||W||^2 = local2 + off
     Ks = mp.to_space(K)
@@ -492,7 +484,8 @@ def deviation(model: nn.Module) -> dict:
     * ``bias_norm``: ||b||; ``bias_deviation``: ||b - P(b)|| / ||b|| (P(b): per-channel mean);
     * ``offlocal_by_distance``: list, entry d = norm of the off-local weights whose input pixel is
       at Chebyshev distance d pixels from the output pixel's receptive-field bounding box (d = 0:
-      inside the box but not read by any tap, e.g. dilation gaps); the squares sum to
+      inside the box but not read by any tap, e.g. dilation gaps); one entry per distance up to
+      the largest one the layer stores (halo h: at most h + 1 entries); the squares sum to
       ``offlocal_norm``**2.
 
     Per layer also ``halo``. Ratios are 0 when the denominator is 0. O(stored entries), no dense matrix.

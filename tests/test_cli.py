@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from efcn_sparse.cli import main
 from efcn_sparse.plots import FIGURES
@@ -82,12 +83,8 @@ def test_argument_errors(args, msg, capsys):
     (["--device", "cuda:7"], "CUDA is not available"),
 ])
 def test_run_errors_are_one_line(args, msg, tmp_path, capsys):
-    if "cuda" in args[-1]:
-        pytest.importorskip("torch")
-        import torch
-
-        if torch.cuda.is_available():
-            pytest.skip("CUDA present")
+    if "cuda" in args[-1] and torch.cuda.is_available():
+        pytest.skip("CUDA is present")
     assert main(["relax", *TINY, *args, "--out", str(tmp_path / "r"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("efcn relax: error:") and msg in err and "Traceback" not in err

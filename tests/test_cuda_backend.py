@@ -108,8 +108,9 @@ def _cuda_compiled_in() -> bool:
 
 
 def test_cuda_kernels_are_registered_when_compiled_in():
-    if os.environ.get("CI") and torch.version.cuda and shutil.which("nvcc", path="/usr/local/cuda/bin") \
-            and os.environ.get("EFCN_NO_CUDA") != "1" and os.environ.get("EFCN_NO_EXT") != "1":
+    nvcc = shutil.which("nvcc", path=os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin"))
+    if os.environ.get("CI") and torch.version.cuda and nvcc and os.environ.get("EFCN_NO_CUDA") != "1" \
+            and os.environ.get("EFCN_NO_EXT") != "1":
         assert _cuda_compiled_in(), "CI: a CUDA torch and toolkit are present, yet the extension lacks its CUDA kernels"
     if not _cuda_compiled_in():
         pytest.skip("extension built without CUDA (CPU-only torch, no CUDA toolkit, or EFCN_NO_CUDA=1)")
@@ -229,12 +230,16 @@ def test_emulated_unaligned_operands_take_the_element_path(emu):
                 shifted(dy), shifted(bias), "unaligned")
 
 
-def test_emulated_nan_propagates(emu):
+def test_emulated_nan_propagates_and_masked_gradients_stay_zero(emu):
     lay, values, x, dy, bias = random_case((16, 16), 32, 48, 4, torch.float16)
     x[1, 3] = float("nan")
     y = emu.bsr_forward(x, values, bias, lay.crow_ptr, lay.col_idx, lay.row_idx, 32)
     expect = ref.forward(x, values, bias, lay.crow_ptr, lay.col_idx, lay.row_idx, 32)
-    assert torch.equal(torch.isnan(y), torch.isnan(expect))
+    assert torch.isnan(y).any() and torch.equal(torch.isnan(y), torch.isnan(expect))
+    dw = emu.bsr_grad_weight(dy, x, lay.row_idx, lay.col_idx, lay.mask_ids, lay.mask_patterns, 16, 16)
+    expect = ref.grad_weight(dy, x, lay.row_idx, lay.col_idx, lay.mask_ids, lay.mask_patterns, 16, 16)
+    assert torch.isnan(dw).any() and torch.equal(torch.isnan(dw), torch.isnan(expect))
+    assert (dw[~lay.block_mask()] == 0).all()
 
 
 def test_emulated_kernels_assert_on_corrupt_indices(emu):

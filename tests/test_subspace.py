@@ -88,6 +88,8 @@ DENSE_CASES = [  # (conv, input size, halo, block shape)
     (lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="replicate"), (4, 4), 0, (4, 3)),
     (lambda: nn.Conv2d(2, 2, 4, padding="same"), (5, 5), 2, (2, 2)),  # asymmetric padding
     (lambda: nn.Conv2d(2, 2, 3, stride=3, padding=1), (2, 2), "full", (2, 2)),  # kernel entries never used
+    (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), (5, 5), "full", (4, 2)),  # block rows in one pixel only
+    (lambda: nn.Conv2d(4, 3, 3, padding=1), (4, 4), 1, (2, 4)),  # block columns in one pixel only
 ]
 
 

@@ -415,7 +415,7 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
             T* om = o + m * BC;
             if (mask) {
               const bool* mk = mask + (t * kMR + m) * BC + q * NR;
-              for (int64_t n = 0; n < nv; ++n) om[n] = tm[n] * T(mk[n] ? 1 : 0);  // like the reference: NaN stays NaN
+              for (int64_t n = 0; n < nv; ++n) om[n] = mk[n] ? tm[n] : T(0);  // exactly 0, even for NaN inputs
             } else {
               for (int64_t n = 0; n < nv; ++n) om[n] = tm[n];
             }

@@ -483,8 +483,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) grad_weight_kernel(const GwPara
     if (mask != nullptr) {
 #pragma unroll
       for (int e = 0; e < VEC; ++e)
-        if (e < count && ldg(mask + off + e) == 0)  // a product, as in the reference: NaN and inf stay visible
-          v[e] = Elem<T>::from_acc(Elem<T>::to_acc(v[e]) * Acc(0));
+        if (e < count && ldg(mask + off + e) == 0) v[e] = zero<T>();  // exactly 0, as in the reference, even for NaN
     }
     if (count == VEC && p.vec_out) {
       uint4 u;
