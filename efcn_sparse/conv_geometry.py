@@ -256,11 +256,14 @@ def build_layout(geo: ConvGeometry, halo: Halo = 0, block_shape: Optional[Tuple[
                                        mask_patterns=pats, device=device)
 
 
-def _block_lookup(layout: BSRLayout, brow: torch.Tensor, bcol: torch.Tensor) -> torch.Tensor:
+def _stored_keys(layout: BSRLayout) -> torch.Tensor:
+    """Sorted keys ``block_row * n_block_cols + block_col`` of the stored blocks (CSR order)."""
+    return layout.row_idx.long().cpu() * layout.n_block_cols + layout.col_idx.long().cpu()
+
+
+def _block_lookup(layout: BSRLayout, brow: torch.Tensor, bcol: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
     """Index into values of stored blocks (brow, bcol); raises if one is not stored."""
-    nbc = layout.n_block_cols
-    stored = layout.row_idx.long().cpu() * nbc + layout.col_idx.long().cpu()  # sorted: CSR order
-    key = brow * nbc + bcol
+    key = brow * layout.n_block_cols + bcol
     pos = torch.searchsorted(stored, key).clamp(max=max(stored.numel() - 1, 0))
     if stored.numel() == 0 or not bool((stored[pos] == key).all()):
         raise RuntimeError("internal error: a receptive-field entry falls outside the stored blocks")
@@ -277,6 +280,7 @@ def embed_weight(geo: ConvGeometry, layout: BSRLayout, weight: torch.Tensor, chu
     w = weight.detach().cpu()
     values = torch.zeros(layout.nnzb, BR, BC, dtype=w.dtype)
     po, pi, kh, kw = geo.local_taps()
+    stored = _stored_keys(layout)
     if Cout % BR == 0 and Cin % BC == 0:
         # pixel-aligned tiles: each (tap, tile) adds one kernel tile to one block
         KH, KW = geo.kernel_size
@@ -290,7 +294,7 @@ def embed_weight(geo: ConvGeometry, layout: BSRLayout, weight: torch.Tensor, chu
         step = max(1, chunk // (BR * BC * a.numel()))
         for s in range(0, po.numel(), step):
             sl = slice(s, s + step)
-            blk = _block_lookup(layout, (po[sl, None] * ta + a).reshape(-1), (pi[sl, None] * tb + b).reshape(-1))
+            blk = _block_lookup(layout, (po[sl, None] * ta + a).reshape(-1), (pi[sl, None] * tb + b).reshape(-1), stored)
             src = ((kh[sl] * KW + kw[sl])[:, None] * (ta * tb) + a * tb + b).reshape(-1)
             values.index_add_(0, blk, tiles[src])
         return values.to(weight.device)
@@ -302,7 +306,7 @@ def embed_weight(geo: ConvGeometry, layout: BSRLayout, weight: torch.Tensor, chu
         r = po[s:s + step, None, None] * Cout + co[None, :, None]  # [t, Cout, 1]
         c = pi[s:s + step, None, None] * Cin + ci[None]  # [t, Cout, cig]
         r = r.expand_as(c)
-        blk = _block_lookup(layout, (r // BR).reshape(-1), (c // BC).reshape(-1))
+        blk = _block_lookup(layout, (r // BR).reshape(-1), (c // BC).reshape(-1), stored)
         flat = blk * (BR * BC) + (r % BR).reshape(-1) * BC + (c % BC).reshape(-1)
         values.index_add_(0, flat, w[:, :, kh[s:s + step], kw[s:s + step]].permute(2, 0, 1).reshape(-1))
     return values.reshape(layout.nnzb, BR, BC).to(weight.device)

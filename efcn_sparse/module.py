@@ -67,9 +67,9 @@ class SparseEFCN(nn.Module):
         if bias is False:
             self.register_parameter("bias", None)
         else:
-            if bias is None or bias is True:
-                bound = 1.0 / max(self._fan_in(layout).max().item() if layout.nnzb else 1, 1) ** 0.5
-                bias = torch.empty(M).uniform_(-bound, bound)
+            if bias is None or bias is True:  # nn.Linear's init, with each row's own fan-in
+                bound = self._fan_in(layout).clamp(min=1).rsqrt()
+                bias = (torch.rand(M) * 2 - 1) * bound
             bias = torch.as_tensor(bias).detach()
             if tuple(bias.shape) != (M,):
                 raise ValueError(f"bias: expected shape ({M},), got {tuple(bias.shape)}")

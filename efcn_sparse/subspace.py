@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import weakref
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -513,30 +513,16 @@ def deviation(model: nn.Module) -> dict:
 
 
 # ------------------------------------------------------------------------------------ whole model
-def _replace(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
-    if path == "<model>":
-        return new
-    parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent), name, new)
-    return model
-
-
-def _all_paths(model: nn.Module, target: nn.Module) -> List[str]:
-    return [p or "<model>" for p, m in model.named_modules(remove_duplicate=False) if m is target]
-
-
 def project(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every eFCN layer (``SparseEFCN`` with a ``.geometry``) replaced by
     its orthogonal projection onto the CNN subspace (weights and bias); the rest is copied as is."""
-    out = copy.deepcopy(model)
-    for path, m in _efcn_layers(model):
-        values, bias = project_values(m)  # from the original: its cached maps are reused
-        new = out.get_submodule("" if path == "<model>" else path)
-        with torch.no_grad():
-            new.values.copy_(values)
-            if bias is not None:
-                new.bias.copy_(bias)
-    return out
+    memo = {}  # deepcopy picks up the projected parameters instead of copying the old values
+    for _, m in _efcn_layers(model):
+        values, bias = project_values(m)
+        memo[id(m.values)] = nn.Parameter(values, requires_grad=m.values.requires_grad)
+        if bias is not None:
+            memo[id(m.bias)] = nn.Parameter(bias, requires_grad=m.bias.requires_grad)
+    return copy.deepcopy(model, memo)
 
 
 def _conv_from(m: SparseEFCN) -> nn.Conv2d:
@@ -573,10 +559,5 @@ def to_cnn(model: nn.Module) -> nn.Module:
     to float rounding otherwise, except kernel entries that never touch an input pixel, which the
     eFCN cannot see: those come back as 0). Generic ``SparseEFCN`` layers (no geometry) are kept.
     """
-    out = copy.deepcopy(model)
-    for path, m in _efcn_layers(model):
-        conv = _conv_from(m)
-        twin = out.get_submodule("" if path == "<model>" else path)
-        for p in _all_paths(out, twin):
-            out = _replace(out, p, conv)
-    return out
+    memo = {id(m): _conv_from(m) for _, m in _efcn_layers(model)}  # deepcopy puts the convs in their place
+    return copy.deepcopy(model, memo)

@@ -8,6 +8,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Two cores: OpenMP spinning across concurrent processes inflates runtimes; tests that care set threads.
+torch.set_num_threads(1)
+
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
 
 

@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <sys/mman.h>
 #include <optional>
 #include <tuple>
@@ -241,8 +242,8 @@ void load_kernels(MicroKernel<T>* kern) {
 // Shared driver of forward and grad_input: out [B, ldc] gets, for each of n_groups output block
 // slices g (a block row of y, or a block column of dx), the product of the streamed operand
 // `a` [B, F] at the columns of the group's segments with the packed blocks. `blocks(g)` gives
-// (p0, p1, extent, make) for for_each_group; `pack_b(segs, K, nv, bpack)` packs the group's
-// blocks as [nq][K][NR] with columns past nv zero.
+// (p0, p1, extent, make) for for_each_group, then the block size and ptr(p), a block's values;
+// `pack_b(segs, K, nv, bpack)` packs the group's blocks as [nq][K][NR], columns past nv zero.
 template <typename T, typename Blocks, typename PackB>
 void slice_gemm(const T* a, int64_t B, int64_t F, T* out, int64_t ldc, int64_t n_groups, int64_t side,
                 int64_t out_cols, const T* bias, int64_t work, Blocks blocks, PackB pack_b) {
@@ -276,6 +277,20 @@ void slice_gemm(const T* a, int64_t B, int64_t F, T* out, int64_t ldc, int64_t n
         fill_rows(o, ldc, bt0 * kMR, std::min(B, bt1 * kMR), nv, bias_g);
         continue;
       }
+      // The next slice's blocks are prefetched into L2 across this slice's first batch-tile loop:
+      // the blocks are read from memory once per call, and this hides that latency.
+      int64_t pf_p0 = 0, pf_lines = 0;
+      constexpr int64_t kLine = 64 / sizeof(T);
+      const int64_t block_lines = cdiv(std::get<4>(range), kLine);
+      if (u + 1 < u1 && (u + 1) / nch != g) {
+        const auto next = blocks((u + 1) / nch);
+        pf_p0 = std::get<0>(next);
+        pf_lines = (std::get<1>(next) - pf_p0) * block_lines;
+      }
+      auto prefetch = [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i)
+          __builtin_prefetch(std::get<5>(range)(pf_p0 + i / block_lines) + (i % block_lines) * kLine, 0, 2);
+      };
       for_each_group<T>(p0, p1, std::get<2>(range), std::get<3>(range), st.segs, [&](const std::vector<Seg<T>>& sg, int64_t K, bool first, bool last) {
         pack_b(sg, K, nv, bpack.data());
         offs.resize(sg.size());
@@ -285,6 +300,11 @@ void slice_gemm(const T* a, int64_t B, int64_t F, T* out, int64_t ldc, int64_t n
           ks[s] = sg[s].k;
         }
         for (int64_t bt = bt0; bt < bt1; ++bt) {
+          if (first && pf_lines) {
+            static const int64_t pf_start = std::getenv("EFCN_PF") ? std::atoll(std::getenv("EFCN_PF")) : 0;
+            const int64_t s0 = bt0 + (bt1 - bt0) * pf_start / 100, n = bt1 - s0;
+            if (pf_start < 100 && bt >= s0) prefetch(pf_lines * (bt - s0) / n, pf_lines * (bt - s0 + 1) / n);
+          }
           const int mr = static_cast<int>(std::min<int64_t>(kMR, B - bt * kMR));
           for (int64_t q = 0; q < nq; ++q) {
             kern[mr](ap + bt * F * kMR, offs.data(), ks.data(), static_cast<int>(sg.size()), bpack.data() + q * K * NR,
@@ -306,7 +326,10 @@ void forward_kernel(const T* x, const T* w, const T* bias, const int32_t* crow, 
   const int64_t nq = cdiv(BR, NR);
   auto extent = [=](int64_t p) { return std::min(BC, N - col[p] * BC); };
   auto make = [=](int64_t p, int64_t k0, int64_t k) { return Seg<T>{col[p] * BC + k0, w + p * BR * BC + k0, k}; };
-  auto blocks = [=](int64_t i) { return std::make_tuple(int64_t{crow[i]}, int64_t{crow[i + 1]}, extent, make); };
+  auto ptr = [=](int64_t p) { return w + p * BR * BC; };
+  auto blocks = [=](int64_t i) {
+    return std::make_tuple(int64_t{crow[i]}, int64_t{crow[i + 1]}, extent, make, BR * BC, ptr);
+  };
   // B[q][k][n] = W[q*NR + n][k]: the group's blocks transposed, rows past nv zero.
   auto pack_b = [=](const std::vector<Seg<T>>& sg, int64_t K, int64_t nv, T* bp) {
     for (int64_t q = 0; q < nq; ++q) {
@@ -331,7 +354,10 @@ void grad_input_kernel(const T* dy, const T* w, const int32_t* ccol, const int32
   auto make = [=](int64_t k, int64_t r0, int64_t len) {
     return Seg<T>{t_row[k] * BR + r0, w + t_perm[k] * BR * BC + r0 * BC, len};
   };
-  auto blocks = [=](int64_t j) { return std::make_tuple(int64_t{ccol[j]}, int64_t{ccol[j + 1]}, extent, make); };
+  auto ptr = [=](int64_t k) { return w + t_perm[k] * BR * BC; };
+  auto blocks = [=](int64_t j) {
+    return std::make_tuple(int64_t{ccol[j]}, int64_t{ccol[j + 1]}, extent, make, BR * BC, ptr);
+  };
   // B[q][k][n] = W[k][q*NR + n]: rows of the group's blocks, columns past nv zero.
   auto pack_b = [=](const std::vector<Seg<T>>& sg, int64_t /*K*/, int64_t nv, T* bp) {
     T* dst = bp;
