@@ -20,7 +20,7 @@ import os
 import pickle
 import struct
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch

@@ -78,6 +78,10 @@ def plot_run(run_dir: str, out_dir: Optional[str] = None) -> List[str]:
         if arm in fin:
             ax.axhline(100 * fin[arm]["test_acc"], color=color, ls="-" if arm == "cnn" else ":", label=label)
     ax.set_xscale("symlog", linthresh=1)
+    if times:
+        ax.set_xticks(times)
+        ax.set_xticklabels([str(t) for t in times])
+        ax.minorticks_off()
     ax.set_xlabel("relax time t_w (epochs of CNN training)")
     ax.set_ylabel("final test accuracy (%)")
     ax.set_title(title, fontsize=9)

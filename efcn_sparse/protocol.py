@@ -34,7 +34,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np

@@ -226,6 +226,26 @@ def test_split_relax_times_and_merge(tiny_run, tmp_path):
         merge([ref_dir, other], str(tmp_path / "m3"))
 
 
+def test_after_cosine_schedule_and_local_halo(tmp_path):
+    """--after N trains every eFCN N epochs (past T too); the cosine schedule runs over global epochs;
+    halo 0 (the locally connected relaxation) never grows off-local weights."""
+    out = str(tmp_path / "r")
+    cfg = dict(TINY, relax_times=[0, 2], after=1, lr_schedule="cosine", halo=0)
+    relax(out=out, quiet=True, plots=False, **cfg)
+    meta, rows = load_run(out)
+    assert {a["arm"]: a["epochs"] for a in meta["arms"]} == {"cnn": 2, "efcn_tw0": 1, "efcn_tw2": 1, "fcn": 2}
+    rows = _key(rows)
+    assert rows[("efcn_tw2", 1)]["epoch"] == 3
+    lr = TINY["lr"]
+    assert rows[("cnn", 1)]["lr"] == pytest.approx(lr) and rows[("cnn", 2)]["lr"] == pytest.approx(lr / 2)
+    assert rows[("efcn_tw0", 1)]["lr"] == pytest.approx(lr)
+    assert rows[("efcn_tw2", 1)]["lr"] == pytest.approx(lr * 0.5 * (1 + math.cos(2 * math.pi / 3)))  # horizon 3
+    for r in rows.values():
+        if r["kind"] != "cnn":
+            assert r["offlocal_ratio"] == 0.0
+    assert rows[("efcn_tw0", 1)]["sharing_deviation"] > 0
+
+
 def test_existing_directory_and_resume_rules(tiny_run, tmp_path):
     ref_dir, _ = tiny_run
     with pytest.raises(RunError, match="not empty"):

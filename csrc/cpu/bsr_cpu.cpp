@@ -27,7 +27,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 #include <sys/mman.h>
 #include <optional>
 #include <tuple>
@@ -277,8 +276,8 @@ void slice_gemm(const T* a, int64_t B, int64_t F, T* out, int64_t ldc, int64_t n
         fill_rows(o, ldc, bt0 * kMR, std::min(B, bt1 * kMR), nv, bias_g);
         continue;
       }
-      // The next slice's blocks are prefetched into L2 across this slice's first batch-tile loop:
-      // the blocks are read from memory once per call, and this hides that latency.
+      // The next slice's blocks are prefetched into L2 over the second half of this slice's first
+      // batch-tile loop: blocks come from memory (values are read once per call), this hides it.
       int64_t pf_p0 = 0, pf_lines = 0;
       constexpr int64_t kLine = 64 / sizeof(T);
       const int64_t block_lines = cdiv(std::get<4>(range), kLine);
@@ -287,6 +286,7 @@ void slice_gemm(const T* a, int64_t B, int64_t F, T* out, int64_t ldc, int64_t n
         pf_p0 = std::get<0>(next);
         pf_lines = (std::get<1>(next) - pf_p0) * block_lines;
       }
+      const int64_t pf_from = (bt0 + bt1) / 2;
       auto prefetch = [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i)
           __builtin_prefetch(std::get<5>(range)(pf_p0 + i / block_lines) + (i % block_lines) * kLine, 0, 2);
@@ -300,11 +300,8 @@ void slice_gemm(const T* a, int64_t B, int64_t F, T* out, int64_t ldc, int64_t n
           ks[s] = sg[s].k;
         }
         for (int64_t bt = bt0; bt < bt1; ++bt) {
-          if (first && pf_lines) {
-            static const int64_t pf_start = std::getenv("EFCN_PF") ? std::atoll(std::getenv("EFCN_PF")) : 0;
-            const int64_t s0 = bt0 + (bt1 - bt0) * pf_start / 100, n = bt1 - s0;
-            if (pf_start < 100 && bt >= s0) prefetch(pf_lines * (bt - s0) / n, pf_lines * (bt - s0 + 1) / n);
-          }
+          if (first && pf_lines && bt >= pf_from)
+            prefetch(pf_lines * (bt - pf_from) / (bt1 - pf_from), pf_lines * (bt - pf_from + 1) / (bt1 - pf_from));
           const int mr = static_cast<int>(std::min<int64_t>(kMR, B - bt * kMR));
           for (int64_t q = 0; q < nq; ++q) {
             kern[mr](ap + bt * F * kMR, offs.data(), ks.data(), static_cast<int>(sg.size()), bpack.data() + q * K * NR,
@@ -377,35 +374,22 @@ void grad_input_kernel(const T* dy, const T* w, const int32_t* ccol, const int32
 }
 
 // ------------------------------------------------------------------------------ grad_weight
-// dy and x are packed once into per-block panels (A[i][t][b][m] = dy[b][i*BR + t*kMR + m],
-// X[j][q][b][n] = x[b][j*BC + q*NR + n], zero out of range), then every stored block is a
-// plain [BR x B] @ [B x BC] product over those panels.
+// x is packed once into per-block-column panels X[j][q][b][n] = x[b][j*BC + q*NR + n] (each is
+// read by every block of its column), dy per block row into a thread's A[t][b][m] =
+// dy[b][i*BR + t*kMR + m] (zero out of range); then each stored block is a [BR x B] @ [B x BC]
+// product over those panels. dW is written with streaming stores: it is not read back here.
 template <typename T>
 void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32_t* col, const int32_t* mask_ids,
                         const bool* patterns, T* dw, int64_t nnzb, int64_t B, int64_t M, int64_t N, int64_t BR,
                         int64_t BC) {
   constexpr int NR = kNR<T>;
-  const int64_t ntr = cdiv(BR, kMR), nq = cdiv(BC, NR), blk = BR * BC;
-  const int64_t nbr = cdiv(M, BR), nbc = cdiv(N, BC);
-  const auto dtype = c10::CppTypeToScalarType<T>::value;
-  at::Tensor a_t = empty_huge({nbr * ntr * B * kMR}, dtype), x_t = empty_huge({nbc * nq * B * NR}, dtype);
-  T* ap = a_t.data_ptr<T>();
+  const int64_t ntr = cdiv(BR, kMR), nq = cdiv(BC, NR), blk = BR * BC, nbc = cdiv(N, BC);
+  at::Tensor x_t = empty_huge({nbc * nq * B * NR}, c10::CppTypeToScalarType<T>::value);
   T* xp = x_t.data_ptr<T>();
-  // kRows batch rows at a time: reads are kRows sequential streams, writes contiguous runs.
-  constexpr int64_t kRows = 16;
-  at::parallel_for(0, cdiv(B, kRows), grain_for(kRows * (M + N)), [&](int64_t c0, int64_t c1) {
+  constexpr int64_t kRows = 16;  // batch rows at a time: kRows sequential read streams, whole-line writes
+  at::parallel_for(0, cdiv(B, kRows), grain_for(kRows * N), [&](int64_t c0, int64_t c1) {
     for (int64_t b0 = c0 * kRows; b0 < std::min(B, c1 * kRows); b0 += kRows) {
       const int64_t b1 = std::min(B, b0 + kRows);
-      for (int64_t i = 0; i < nbr; ++i) {
-        const int64_t rows = std::min(BR, M - i * BR);
-        for (int64_t t = 0; t < ntr; ++t) {
-          T* dst = ap + ((i * ntr + t) * B + b0) * kMR;
-          for (int64_t b = b0; b < b1; ++b, dst += kMR) {
-            const T* src = dy + b * M + i * BR + t * kMR;
-            for (int m = 0; m < kMR; ++m) dst[m] = t * kMR + m < rows ? src[m] : T(0);
-          }
-        }
-      }
       for (int64_t j = 0; j < nbc; ++j) {
         const int64_t cols = std::min(BC, N - j * BC);
         for (int64_t q = 0; q < nq; ++q) {
@@ -424,31 +408,48 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
   MicroKernel<T> kern[kMR + 1];
   load_kernels(kern);
   const int64_t zero = 0;
-  parallel_dynamic(nnzb, nnzb * B * blk, [] { return 0; }, [&](int, int64_t p0, int64_t p1) {
+  struct Scratch {
+    std::vector<T> apack;
+    int64_t row;  // block row held in apack, -1: none
+  };
+  auto init = [&] { return Scratch{std::vector<T>(ntr * B * kMR), -1}; };
+  parallel_dynamic(nnzb, nnzb * B * blk, init, [&](Scratch& st, int64_t p0, int64_t p1) {
     alignas(64) T tile[kMR * NR];
+    T* ap = st.apack.data();
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t i = row[p], j = col[p];
+      if (i != st.row) {
+        const int64_t rows = std::min(BR, M - i * BR), full = rows / kMR;
+        for (int64_t b = 0; b < B; ++b) {
+          const T* src = dy + b * M + i * BR;
+          T* dst = ap + b * kMR;
+          int64_t t = 0;
+          for (; t < full; ++t)
+            for (int m = 0; m < kMR; ++m) dst[t * B * kMR + m] = src[t * kMR + m];
+          for (; t < ntr; ++t)
+            for (int m = 0; m < kMR; ++m) dst[t * B * kMR + m] = t * kMR + m < rows ? src[t * kMR + m] : T(0);
+        }
+        st.row = i;
+      }
       const bool* mask = patterns ? patterns + mask_ids[p] * blk : nullptr;
       T* out = dw + p * blk;
       for (int64_t t = 0; t < ntr; ++t) {
         const int mr = static_cast<int>(std::min<int64_t>(kMR, BR - t * kMR));
         for (int64_t q = 0; q < nq; ++q) {
-          kern[mr](ap + (i * ntr + t) * B * kMR, &zero, &B, 1, xp + (j * nq + q) * B * NR, tile);
+          kern[mr](ap + t * B * kMR, &zero, &B, 1, xp + (j * nq + q) * B * NR, tile);
           const int64_t nv = std::min<int64_t>(NR, BC - q * NR);
-          T* o = out + t * kMR * BC + q * NR;
-          for (int m = 0; m < mr; ++m) {
-            const T* tm = tile + m * NR;
-            T* om = o + m * BC;
-            if (mask) {
+          if (mask) {
+            for (int m = 0; m < mr; ++m) {
               const bool* mk = mask + (t * kMR + m) * BC + q * NR;
-              for (int64_t n = 0; n < nv; ++n) om[n] = mk[n] ? tm[n] : T(0);  // exactly 0, even for NaN inputs
-            } else {
-              for (int64_t n = 0; n < nv; ++n) om[n] = tm[n];
+              for (int64_t n = 0; n < nv; ++n)
+                if (!mk[n]) tile[m * NR + n] = T(0);  // exactly 0, even for NaN inputs
             }
           }
+          store_rows(tile, mr, nv, out + t * kMR * BC + q * NR, BC);
         }
       }
     }
+    store_fence();
   });
 }
 

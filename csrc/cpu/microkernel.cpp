@@ -2,6 +2,8 @@
 // that have it (the file itself is compiled for the baseline ISA), and a portable C++ version.
 #include "microkernel.h"
 
+#include <cstdint>
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define EFCN_HAVE_AVX2_PATH 1
 #include <immintrin.h>
@@ -127,6 +129,16 @@ __attribute__((target("avx2,fma"))) int64_t transpose_avx2(const double* src, in
   return k;
 }
 
+__attribute__((target("avx2"))) void stream_row(const float* src, float* dst) {
+  _mm256_stream_ps(dst, _mm256_load_ps(src));
+  _mm256_stream_ps(dst + 8, _mm256_load_ps(src + 8));
+}
+
+__attribute__((target("avx2"))) void stream_row(const double* src, double* dst) {
+  _mm256_stream_pd(dst, _mm256_load_pd(src));
+  _mm256_stream_pd(dst + 4, _mm256_load_pd(src + 4));
+}
+
 bool cpu_has_avx2() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
@@ -202,6 +214,31 @@ void pack_transposed(const T* src, int64_t ld, int64_t rows, int64_t K, T* dst) 
   }
 }
 
+template <typename T>
+void store_rows(const T* tile, int mr, int64_t nv, T* out, int64_t ld) {
+  constexpr int NR = kNR<T>;
+  for (int m = 0; m < mr; ++m) {
+    T* o = out + m * ld;
+    const T* t = tile + m * NR;
+#ifdef EFCN_HAVE_AVX2_PATH
+    if (nv == NR && reinterpret_cast<uintptr_t>(o) % 32 == 0 && reinterpret_cast<uintptr_t>(t) % 32 == 0 &&
+        cpu_has_avx2()) {
+      stream_row(t, o);
+      continue;
+    }
+#endif
+    for (int64_t n = 0; n < nv; ++n) o[n] = t[n];
+  }
+}
+
+void store_fence() {
+#ifdef EFCN_HAVE_AVX2_PATH
+  _mm_sfence();
+#endif
+}
+
+template void store_rows<float>(const float*, int, int64_t, float*, int64_t);
+template void store_rows<double>(const double*, int, int64_t, double*, int64_t);
 template void pack_transposed<float>(const float*, int64_t, int64_t, int64_t, float*);
 template void pack_transposed<double>(const double*, int64_t, int64_t, int64_t, double*);
 

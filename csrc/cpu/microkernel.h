@@ -32,6 +32,12 @@ MicroKernel<T> micro_kernel(int mr);
 template <typename T>
 void pack_transposed(const T* src, int64_t ld, int64_t rows, int64_t K, T* dst);
 
+// out[m * ld + n] = tile[m][n] for m < mr, n < nv, with non-temporal (cache-bypassing) stores
+// where a row is whole and aligned; store_fence() orders them before the data is used elsewhere.
+template <typename T>
+void store_rows(const T* tile, int mr, int64_t nv, T* out, int64_t ld);
+void store_fence();
+
 // "avx2" or "generic": which implementation micro_kernel returns on this machine.
 const char* micro_kernel_isa();
 
