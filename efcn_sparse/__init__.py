@@ -10,15 +10,16 @@ from . import _extension
 
 _extension.load()
 
-from . import backends, ops  # noqa: E402
+# layout -> ops -> kernels (via backends) -> modules -> embedding and CNN subspace -> protocol
+from . import backends, models, ops  # noqa: E402
 from .backends import available_backends, get_default_backend, set_default_backend  # noqa: E402
 from .conv_geometry import ConvGeometry  # noqa: E402
-from .layout import BSRLayout, LayoutError  # noqa: E402
-from .module import SparseEFCN  # noqa: E402
-from . import models  # noqa: E402
 from .embedding import embed, fcn_like  # noqa: E402
 from .interpolation import interpolate, interpolate_curvilinear, interpolate_linear  # noqa: E402
+from .layout import BSRLayout, LayoutError  # noqa: E402
 from .models import get_model  # noqa: E402
+from .module import SparseEFCN  # noqa: E402
+from .protocol import RelaxConfig, relax  # noqa: E402
 from .subspace import deviation, project, to_cnn  # noqa: E402
 from .summary import summary  # noqa: E402
 
@@ -45,4 +46,6 @@ __all__ = [
     "summary",
     "get_model",
     "models",
+    "relax",
+    "RelaxConfig",
 ]
