@@ -250,10 +250,27 @@ def section_layers(run: Run) -> list:
                     ar = run.find(rows, a, r["op"])
                     cells.append(fmt_x(r["median"] / ar["median"]) if ar else "—")
                 out.append(f"| {r['impl']} | {r['op']} | " + " | ".join(cells) + " |")
-        sk = {k: v for k, v in skipped.items() if k.startswith(f"test_layer[{layer}-")}
+        sk = skipped_in(run, layer)
         if sk:
-            out += ["", "Not run: " + "; ".join(f"`{k[len('test_layer['):-1]}`: {v}" for k, v in sk.items()) + "."]
+            out += ["", "Not run: " + "; ".join(f"`{impl}` {', '.join(ops)}: {why}" for (impl, why), ops in sk.items())
+                    + "."]
         out.append("")
+    return out
+
+
+def skipped_in(run: Run, layer: str) -> dict:
+    """(implementation, reason) -> ops skipped for ``layer`` (test ids are test_layer[<layer>-<impl>-<op>])."""
+    layers = run.layers()
+    out = {}
+    for key, why in run.records.get("skipped", {}).items():
+        if not key.startswith("test_layer["):
+            continue
+        inner = key[len("test_layer["):-1]
+        owners = [name for name in layers if inner.startswith(name + "-")]
+        if not owners or max(owners, key=len) != layer:
+            continue
+        impl, _, op = inner[len(layer) + 1:].rpartition("-")
+        out.setdefault((impl, why), []).append(op)
     return out
 
 

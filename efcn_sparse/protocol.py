@@ -266,18 +266,7 @@ def _arm_order(r: dict) -> Tuple[int, float]:
 
 
 def _atomic_write_text(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    T.atomic_write(path, lambda f: f.write(text), binary=False)
 
 
 def _csv_text(rows: List[dict]) -> str:

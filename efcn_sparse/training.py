@@ -214,14 +214,16 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(obj, path: str) -> None:
-    """Write ``obj`` with torch.save atomically: temporary file in the same folder, fsync, rename."""
+def atomic_write(path: str, write: Callable, binary: bool = True) -> None:
+    """Write a file atomically: ``write(f)`` into a temporary file in the same folder, fsync, rename.
+
+    A crash at any point leaves either the old file or the new one, never a torn one."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -230,6 +232,11 @@ def save_checkpoint(obj, path: str) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(folder)
+
+
+def save_checkpoint(obj, path: str) -> None:
+    """Write ``obj`` with torch.save atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _fsync_dir(folder: str) -> None:

@@ -1,28 +1,39 @@
 // CPU kernels of the three BSR ops (schemas in csrc/ops.cpp, contract in
 // efcn_sparse/kernels/reference.py):
-//   bsr_forward     y  [B, M]           = x [B, N] W^T + bias   parallel over (block row, batch chunk)
-//   bsr_grad_input  dx [B, N]           = dy [B, M] W           parallel over (block column, batch chunk)
-//   bsr_grad_weight dW [nnzb, BR, BC]   = dy^T x on stored blocks, times the element mask
-//                                                               parallel over stored blocks
-// Every product is a sequence of dense register-tile GEMMs (microkernel.h) on panels packed
-// per task: the blocks of one block row (or column) are concatenated along K, so a tile of the
-// output is computed in registers over the whole row and written once. Packing buffers are per
-// task and bounded by kKMax x block side: nothing scales with blocks x batch.
+//   bsr_forward     y  [B, M]         = x [B, N] W^T + bias    tasks: (block row, batch chunk)
+//   bsr_grad_input  dx [B, N]         = dy [B, M] W            tasks: (block column, batch chunk),
+//                                                              through ccol_ptr/t_row_idx/t_perm
+//   bsr_grad_weight dW [nnzb, BR, BC] = dy^T x on stored blocks, times the element mask
+//                                                              tasks: stored blocks
+// All work is dense register-tile GEMMs (microkernel.h) on packed panels:
+// * forward / grad_input: the streamed operand (x or dy) is repacked once per call into batch
+//   tiles (a buffer of its own size); a task packs its slice's blocks (transposed for the
+//   forward) concatenated along K, so an output tile is computed in registers over the whole
+//   block row (column) and written once. A per-thread panel holds at most kKMax x block side.
+// * grad_weight: x is repacked once per call into per-block-column panels, dy per block row
+//   into a per-thread panel; each block is then one [BR x B] @ [B x BC] product.
+// No buffer scales with stored blocks x batch.
 //
 // Edge blocks that stick out of (M, N) are handled by limiting K to the in-range part and
 // zero-padding the packed panels; out-of-range entries of x, dy, y, dx are never touched.
 //
 // Determinism: every output entry is computed by exactly one task, in an order fixed by the
-// layout alone (blocks in stored order, K in ascending order, K split at fixed kKMax points),
-// so results are bit-identical across runs and thread counts on a given machine. They are
-// not bit-identical to the reference backend (different summation order).
+// layout alone (blocks in stored order, K ascending, K split into groups at points that depend
+// only on the layout), so results are bit-identical across runs and thread counts on a given
+// machine (the micro-kernel is chosen by CPU features: AVX2+FMA or portable C++). They are not
+// bit-identical to the reference backend (another summation order).
 //
-// Trusted without checking (they cannot cause out-of-bounds access): column indices sorted and
-// unique within a row (duplicates are summed, like the reference), t_perm being a permutation
-// and agreeing with crow_ptr/col_idx, row_idx agreeing with crow_ptr in the forward (unused
-// there), and values being zero at masked entries. Everything that addresses memory is checked.
-#include <ATen/ATen.h>
+// Checked before any access: dtypes, devices, dims, contiguity, index tensor lengths, pointer
+// arrays (start 0, end nnzb, monotone), every block row/column/permutation/mask id in range.
+// Trusted (cannot cause out-of-bounds access): column indices sorted and unique within a row
+// (duplicates would be summed, as in the reference), t_perm being a permutation consistent
+// with crow_ptr/col_idx, row_idx consistent with crow_ptr (unused by the forward), and values
+// being zero at masked entries.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -233,6 +244,16 @@ void fill_rows(T* out, int64_t ldc, int64_t b0, int64_t b1, int64_t nv, const T*
   }
 }
 
+// Prefetches rows [0, rows) x columns [0, len) of a row-major block (leading dim ld) into the
+// caches, one block ahead of packing: the blocks are read from memory once per call, and
+// asking early hides the latency the hardware prefetcher leaves between blocks.
+template <typename T>
+void prefetch_rows(const T* p, int64_t rows, int64_t ld, int64_t len) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < len; c += kLine) __builtin_prefetch(p + r * ld + c, 0, 3);
+}
+
 template <typename T>
 void load_kernels(MicroKernel<T>* kern) {
   for (int mr = 1; mr <= kMR; ++mr) kern[mr] = micro_kernel<T>(mr);
@@ -241,8 +262,8 @@ void load_kernels(MicroKernel<T>* kern) {
 // Shared driver of forward and grad_input: out [B, ldc] gets, for each of n_groups output block
 // slices g (a block row of y, or a block column of dx), the product of the streamed operand
 // `a` [B, F] at the columns of the group's segments with the packed blocks. `blocks(g)` gives
-// (p0, p1, extent, make) for for_each_group, then the block size and ptr(p), a block's values;
-// `pack_b(segs, K, nv, bpack)` packs the group's blocks as [nq][K][NR], columns past nv zero.
+// (p0, p1, extent, make) for for_each_group; `pack_b(segs, K, nv, bpack)` packs the group's
+// blocks as [nq][K][NR], columns past nv zero.
 template <typename T, typename Blocks, typename PackB>
 void slice_gemm(const T* a, int64_t B, int64_t F, T* out, int64_t ldc, int64_t n_groups, int64_t side,
                 int64_t out_cols, const T* bias, int64_t work, Blocks blocks, PackB pack_b) {
@@ -276,21 +297,6 @@ void slice_gemm(const T* a, int64_t B, int64_t F, T* out, int64_t ldc, int64_t n
         fill_rows(o, ldc, bt0 * kMR, std::min(B, bt1 * kMR), nv, bias_g);
         continue;
       }
-      // The next slice's blocks are prefetched into L2 over the second half of this slice's first
-      // batch-tile loop: blocks come from memory (values are read once per call), this hides it.
-      int64_t pf_p0 = 0, pf_lines = 0;
-      constexpr int64_t kLine = 64 / sizeof(T);
-      const int64_t block_lines = cdiv(std::get<4>(range), kLine);
-      if (u + 1 < u1 && (u + 1) / nch != g) {
-        const auto next = blocks((u + 1) / nch);
-        pf_p0 = std::get<0>(next);
-        pf_lines = (std::get<1>(next) - pf_p0) * block_lines;
-      }
-      const int64_t pf_from = (bt0 + bt1) / 2;
-      auto prefetch = [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i)
-          __builtin_prefetch(std::get<5>(range)(pf_p0 + i / block_lines) + (i % block_lines) * kLine, 0, 2);
-      };
       for_each_group<T>(p0, p1, std::get<2>(range), std::get<3>(range), st.segs, [&](const std::vector<Seg<T>>& sg, int64_t K, bool first, bool last) {
         pack_b(sg, K, nv, bpack.data());
         offs.resize(sg.size());
@@ -300,8 +306,6 @@ void slice_gemm(const T* a, int64_t B, int64_t F, T* out, int64_t ldc, int64_t n
           ks[s] = sg[s].k;
         }
         for (int64_t bt = bt0; bt < bt1; ++bt) {
-          if (first && pf_lines && bt >= pf_from)
-            prefetch(pf_lines * (bt - pf_from) / (bt1 - pf_from), pf_lines * (bt - pf_from + 1) / (bt1 - pf_from));
           const int mr = static_cast<int>(std::min<int64_t>(kMR, B - bt * kMR));
           for (int64_t q = 0; q < nq; ++q) {
             kern[mr](ap + bt * F * kMR, offs.data(), ks.data(), static_cast<int>(sg.size()), bpack.data() + q * K * NR,
@@ -323,19 +327,15 @@ void forward_kernel(const T* x, const T* w, const T* bias, const int32_t* crow, 
   const int64_t nq = cdiv(BR, NR);
   auto extent = [=](int64_t p) { return std::min(BC, N - col[p] * BC); };
   auto make = [=](int64_t p, int64_t k0, int64_t k) { return Seg<T>{col[p] * BC + k0, w + p * BR * BC + k0, k}; };
-  auto ptr = [=](int64_t p) { return w + p * BR * BC; };
-  auto blocks = [=](int64_t i) {
-    return std::make_tuple(int64_t{crow[i]}, int64_t{crow[i + 1]}, extent, make, BR * BC, ptr);
-  };
+  auto blocks = [=](int64_t i) { return std::make_tuple(int64_t{crow[i]}, int64_t{crow[i + 1]}, extent, make); };
   // B[q][k][n] = W[q*NR + n][k]: the group's blocks transposed, rows past nv zero.
   auto pack_b = [=](const std::vector<Seg<T>>& sg, int64_t K, int64_t nv, T* bp) {
-    for (int64_t q = 0; q < nq; ++q) {
-      T* dstq = bp + q * K * NR;
-      int64_t koff = 0;
-      for (const Seg<T>& s : sg) {
-        pack_transposed(s.w + q * NR * BC, BC, std::min<int64_t>(NR, nv - q * NR), s.k, dstq + koff * NR);
-        koff += s.k;
-      }
+    int64_t koff = 0;
+    for (size_t s = 0; s < sg.size(); ++s) {
+      if (s + 1 < sg.size()) prefetch_rows(sg[s + 1].w, nv, BC, sg[s + 1].k);
+      for (int64_t q = 0; q < nq; ++q)
+        pack_transposed(sg[s].w + q * NR * BC, BC, std::min<int64_t>(NR, nv - q * NR), sg[s].k, bp + (q * K + koff) * NR);
+      koff += sg[s].k;
     }
   };
   slice_gemm<T>(x, B, N, y, M, cdiv(M, BR), BR, M, bias, B * crow[cdiv(M, BR)] * BR * BC, blocks, pack_b);
@@ -351,23 +351,23 @@ void grad_input_kernel(const T* dy, const T* w, const int32_t* ccol, const int32
   auto make = [=](int64_t k, int64_t r0, int64_t len) {
     return Seg<T>{t_row[k] * BR + r0, w + t_perm[k] * BR * BC + r0 * BC, len};
   };
-  auto ptr = [=](int64_t k) { return w + t_perm[k] * BR * BC; };
-  auto blocks = [=](int64_t j) {
-    return std::make_tuple(int64_t{ccol[j]}, int64_t{ccol[j + 1]}, extent, make, BR * BC, ptr);
-  };
+  auto blocks = [=](int64_t j) { return std::make_tuple(int64_t{ccol[j]}, int64_t{ccol[j + 1]}, extent, make); };
   // B[q][k][n] = W[k][q*NR + n]: rows of the group's blocks, columns past nv zero.
-  auto pack_b = [=](const std::vector<Seg<T>>& sg, int64_t /*K*/, int64_t nv, T* bp) {
-    T* dst = bp;
-    for (int64_t q = 0; q < nq; ++q) {
-      const int64_t n_in = std::min<int64_t>(NR, nv - q * NR);
-      for (const Seg<T>& s : sg) {
-        for (int64_t k = 0; k < s.k; ++k, dst += NR) {
-          const T* src = s.w + k * BC + q * NR;
+  auto pack_b = [=](const std::vector<Seg<T>>& sg, int64_t K, int64_t nv, T* bp) {
+    int64_t koff = 0;
+    for (size_t s = 0; s < sg.size(); ++s) {
+      if (s + 1 < sg.size()) prefetch_rows(sg[s + 1].w, sg[s + 1].k, BC, nv);
+      for (int64_t q = 0; q < nq; ++q) {
+        const int64_t n_in = std::min<int64_t>(NR, nv - q * NR);
+        T* dst = bp + (q * K + koff) * NR;
+        for (int64_t k = 0; k < sg[s].k; ++k, dst += NR) {
+          const T* src = sg[s].w + k * BC + q * NR;
           int64_t n = 0;
           for (; n < n_in; ++n) dst[n] = src[n];
           for (; n < NR; ++n) dst[n] = T(0);
         }
       }
+      koff += sg[s].k;
     }
   };
   slice_gemm<T>(dy, B, M, dx, N, cdiv(N, BC), BC, N, nullptr, B * ccol[cdiv(N, BC)] * BR * BC, blocks, pack_b);
