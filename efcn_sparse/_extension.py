@@ -47,6 +47,4 @@ def error() -> Optional[str]:
 
 def has_cuda_kernels() -> bool:
     """Whether the loaded extension was built with its CUDA sources."""
-    import torch
-
     return load() and torch._C._dispatch_has_kernel_for_dispatch_key("efcn_sparse_C::bsr_forward", "CUDA")

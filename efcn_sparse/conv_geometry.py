@@ -140,7 +140,7 @@ class ConvGeometry:
 
         Taps into zero padding are absent; taps of other modes that hit one pixel twice appear twice.
         """
-        (Ho, Wo), (H, W) = self.out_size, self.input_size
+        (Ho, Wo), W = self.out_size, self.input_size[1]
         KH, KW = self.kernel_size
         rm, cm = self._tap_map(0), self._tap_map(1)  # [Ho, KH], [Wo, KW]
         ho, wo, kh, kw = torch.meshgrid(torch.arange(Ho), torch.arange(Wo), torch.arange(KH), torch.arange(KW), indexing="ij")
@@ -218,7 +218,7 @@ def build_layout(geo: ConvGeometry, halo: Halo = 0, block_shape: Optional[Tuple[
     aligned = Cout % BR == 0 and Cin % BC == 0
     if (aligned and geo.groups == 1) or keys.numel() == 0:
         return BSRLayout.from_block_coords((M, N), (BR, BC), brow, bcol, device=device)
-    masks, pats_list, ids_list = None, [], []
+    pats_list, ids_list = [], []
     rr, cc = torch.arange(BR), torch.arange(BC)
     if aligned:
         # a block lies inside one pixel pair of the support: its mask is the group pattern at its channel offset

@@ -23,7 +23,6 @@ interrupted run from its last checkpoints with identical metrics; ``force=True``
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib
 import inspect
@@ -31,7 +30,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields
