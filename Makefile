@@ -60,6 +60,7 @@ bench: $(STAMP)
 # AddressSanitizer + UBSan: builds the CPU extension into $(SAN)/ (the in-place build is left
 # alone), copies the package there around it, and runs the CPU op tests against that copy.
 # Python is not instrumented, so the ASan runtime is preloaded; leak checks are off (CPython);
+# --capture=sys lets a sanitizer report reach the terminal before the abort;
 # SAN_TESTS picks the tests. CI: `make sanitize` (about 3 minutes on 2 cores, build included).
 SAN := build/sanitize
 # libstdc++ is preloaded too: ASan must see it at start-up to intercept __cxa_throw.
@@ -74,7 +75,7 @@ sanitize: $(VENV)/.deps
 	mkdir -p $(SAN)/pkg && cp -r efcn_sparse $(SAN)/pkg/ && rm -f $(SAN)/pkg/efcn_sparse/_C*.so
 	cp $(SAN)/lib/efcn_sparse/_C*.so $(SAN)/pkg/efcn_sparse/
 	cd $(SAN) && $(SAN_ENV) $(CURDIR)/$(BIN)/python -c "import efcn_sparse._C as c; assert '$(SAN)/pkg' in c.__file__, c.__file__"
-	$(SAN_ENV) $(BIN)/pytest -q -p no:cacheprovider $(SAN_TESTS)
+	$(SAN_ENV) $(BIN)/pytest -q -p no:cacheprovider --capture=sys $(SAN_TESTS)
 
 clean:
 	rm -rf build *.egg-info efcn_sparse/_C*.so $(STAMP)

@@ -199,7 +199,8 @@ class LayerState:
 
     def check_gb_positions(self, gb_pos, what):
         """An untied per-position bias gradient [M] summed over positions equals the conv's."""
-        assert_close(gb_pos.reshape(-1, self.case.cout).sum(0), self.gb_ref, f"{self.case.name} {what} bias grad vs conv")
+        assert_close(gb_pos.reshape(-1, self.case.cout).sum(0), self.gb_ref,
+                     f"{self.case.name} {what} bias grad vs conv")
 
     def check_dw(self, dw: torch.Tensor, what: str, backend: str = "reference") -> None:
         """A stored-block weight gradient: mask respected, summed over positions it equals the
@@ -217,7 +218,8 @@ class LayerState:
         if exact is None and backend != "reference":
             exact = self.dw_reference()
         if exact is not None:
-            assert_close(dw, exact, f"{name} weight gradient vs {'dense' if self.dense_bytes() <= GiB // 2 else 'reference'}")
+            src = "dense" if self.dense_bytes() <= GiB // 2 else "reference"
+            assert_close(dw, exact, f"{name} weight gradient vs {src}")
 
     # ------------------------------------------------------------------ counts
     def useful_flops(self, op: str, conv: bool = False) -> int:

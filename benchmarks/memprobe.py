@@ -11,6 +11,7 @@ Usage: python benchmarks/memprobe.py --model paper_cnn --variants cnn,efcn_spars
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
         m.train()
         err = float(((got - ref).abs().max() / ref.abs().max()).item())
         opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
-        loss, step = phase(lambda: modelkit.train_step(m, opt, x, y), not args.no_gc)
+        loss, step = phase(functools.partial(modelkit.train_step, m, opt, x, y), not args.no_gc)
         p, b = modelkit.param_bytes(m)
         out["variants"][v] = {"build": build, "train_step": step, "param_bytes": p, "buffer_bytes": b,
                               "train_state_bytes": 3 * p + b, "rel_err": err, "loss": float(loss),

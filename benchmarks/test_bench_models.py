@@ -20,7 +20,8 @@ except ImportError as e:  # efcn_sparse.models / embed not there yet (issue 4)
 
 def _params():
     out = []
-    for model in ("paper_cnn", "alexnet") if bl.FULL else ("paper_cnn",):  # smoke: AlexNet's step runs in test_bench_memory
+    # smoke: AlexNet's training step already runs in test_bench_memory
+    for model in ("paper_cnn", "alexnet") if bl.FULL else ("paper_cnn",):
         out.append(pytest.param(model, "cnn", None, id=f"{model}-cnn"))
         out += [pytest.param(model, "efcn_sparse", b, id=f"{model}-efcn_{b}") for b in bl.backends_to_run()]
         out.append(pytest.param(model, "efcn_dense", None, id=f"{model}-efcn_dense"))

@@ -116,13 +116,15 @@ def test_empty_layout_and_empty_batch():
     assert y.shape == (0, 50) and dx.shape == (0, 40) and torch.equal(dw, torch.zeros_like(dw))
 
 
-def test_bfloat16_matches_reference():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_types_match_reference(dtype):
+    """Computed in float32 and rounded once, like the reference."""
     lay = random_layout(100, 70, 16, 32, mask=True)
-    v = random_values(lay, torch.bfloat16)
-    x, dy, bias = (torch.randn(5, 70).bfloat16(), torch.randn(5, 100).bfloat16(), torch.randn(100).bfloat16())
+    v = random_values(lay, dtype)
+    x, dy, bias = (torch.randn(5, 70).to(dtype), torch.randn(5, 100).to(dtype), torch.randn(100).to(dtype))
     for g, w in zip(run_all(cpu_kernels(), lay, x, dy, v, bias), run_all(R, lay, x, dy, v, bias)):
-        assert g.dtype == torch.bfloat16
-        assert_close_rel(g.float(), w.float(), REL[torch.bfloat16], "bfloat16")
+        assert g.dtype == dtype
+        assert_close_rel(g.float(), w.float(), REL[torch.bfloat16], str(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

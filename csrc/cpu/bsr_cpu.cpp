@@ -284,7 +284,8 @@ void slice_gemm(const T* a, int64_t B, int64_t F, T* out, int64_t ldc, int64_t n
   auto init = [&] { return Scratch{std::vector<T>(nq * std::min(kKMax, F) * NR), {}, {}, {}}; };
   parallel_dynamic(n_groups * nch, work, init, [&](Scratch& st, int64_t u0, int64_t u1) {
     std::vector<T>& bpack = st.bpack;
-    std::vector<int64_t>&offs = st.offs, &ks = st.ks;
+    std::vector<int64_t>& offs = st.offs;
+    std::vector<int64_t>& ks = st.ks;
     alignas(64) T tile[kMR * NR];
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t g = u / nch, bt0 = (u % nch) * tiles_per_task, bt1 = std::min(nbt, bt0 + tiles_per_task);
@@ -297,7 +298,7 @@ void slice_gemm(const T* a, int64_t B, int64_t F, T* out, int64_t ldc, int64_t n
         fill_rows(o, ldc, bt0 * kMR, std::min(B, bt1 * kMR), nv, bias_g);
         continue;
       }
-      for_each_group<T>(p0, p1, std::get<2>(range), std::get<3>(range), st.segs, [&](const std::vector<Seg<T>>& sg, int64_t K, bool first, bool last) {
+      auto group = [&](const std::vector<Seg<T>>& sg, int64_t K, bool first, bool last) {
         pack_b(sg, K, nv, bpack.data());
         offs.resize(sg.size());
         ks.resize(sg.size());
@@ -314,7 +315,8 @@ void slice_gemm(const T* a, int64_t B, int64_t F, T* out, int64_t ldc, int64_t n
                        (last && bias_g) ? bias_g + q * NR : nullptr);
           }
         }
-      });
+      };
+      for_each_group<T>(p0, p1, std::get<2>(range), std::get<3>(range), st.segs, group);
     }
   });
 }
@@ -334,7 +336,8 @@ void forward_kernel(const T* x, const T* w, const T* bias, const int32_t* crow, 
     for (size_t s = 0; s < sg.size(); ++s) {
       if (s + 1 < sg.size()) prefetch_rows(sg[s + 1].w, nv, BC, sg[s + 1].k);
       for (int64_t q = 0; q < nq; ++q)
-        pack_transposed(sg[s].w + q * NR * BC, BC, std::min<int64_t>(NR, nv - q * NR), sg[s].k, bp + (q * K + koff) * NR);
+        pack_transposed(sg[s].w + q * NR * BC, BC, std::min<int64_t>(NR, nv - q * NR), sg[s].k,
+                        bp + (q * K + koff) * NR);
       koff += sg[s].k;
     }
   };

@@ -4,7 +4,18 @@
 
 #include <cstdint>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// AddressSanitizer does not see loads made by intrinsics, so sanitized builds use the portable
+// kernels, whose accesses are exactly those of the AVX2 ones (same panels, same extents).
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define EFCN_ASAN 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+#define EFCN_ASAN 1
+#endif
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(EFCN_ASAN)
 #define EFCN_HAVE_AVX2_PATH 1
 #include <immintrin.h>
 #endif
@@ -29,7 +40,8 @@ void micro_generic(const T* A0, const int64_t* a_off, const int64_t* a_k, int ns
 
 #ifdef EFCN_HAVE_AVX2_PATH
 template <int MR>
-__attribute__((target("avx2,fma"))) void micro_avx2_f32(const float* A0, const int64_t* a_off, const int64_t* a_k, int nseg, const float* B, float* C) {
+__attribute__((target("avx2,fma"))) void micro_avx2_f32(const float* A0, const int64_t* a_off, const int64_t* a_k,
+                                                        int nseg, const float* B, float* C) {
   __m256 c0[MR], c1[MR];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) c0[m] = c1[m] = _mm256_setzero_ps();
@@ -53,7 +65,8 @@ __attribute__((target("avx2,fma"))) void micro_avx2_f32(const float* A0, const i
 }
 
 template <int MR>
-__attribute__((target("avx2,fma"))) void micro_avx2_f64(const double* A0, const int64_t* a_off, const int64_t* a_k, int nseg, const double* B, double* C) {
+__attribute__((target("avx2,fma"))) void micro_avx2_f64(const double* A0, const int64_t* a_off, const int64_t* a_k,
+                                                        int nseg, const double* B, double* C) {
   __m256d c0[MR], c1[MR];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) c0[m] = c1[m] = _mm256_setzero_pd();
@@ -241,12 +254,5 @@ template void store_rows<float>(const float*, int, int64_t, float*, int64_t);
 template void store_rows<double>(const double*, int, int64_t, double*, int64_t);
 template void pack_transposed<float>(const float*, int64_t, int64_t, int64_t, float*);
 template void pack_transposed<double>(const double*, int64_t, int64_t, int64_t, double*);
-
-const char* micro_kernel_isa() {
-#ifdef EFCN_HAVE_AVX2_PATH
-  if (cpu_has_avx2()) return "avx2";
-#endif
-  return "generic";
-}
 
 }  // namespace efcn_cpu

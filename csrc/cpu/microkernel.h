@@ -8,8 +8,9 @@
 // aliasing of rows that are a power of two apart in x and dy) and runs its own epilogue.
 //
 // Each C entry is one chain of multiply-adds in ascending k (segments in order), so the result
-// does not depend on how the caller splits work between threads. The kernel is picked once per process by CPU
-// features (AVX2+FMA, else portable C++), so results are bit-identical run to run on a machine.
+// does not depend on how the caller splits work between threads. The kernel is picked by CPU
+// features (AVX2+FMA, else portable C++; always portable under AddressSanitizer), so results
+// are bit-identical run to run on a machine.
 #pragma once
 
 #include <cstdint>
@@ -37,8 +38,5 @@ void pack_transposed(const T* src, int64_t ld, int64_t rows, int64_t K, T* dst);
 template <typename T>
 void store_rows(const T* tile, int mr, int64_t nv, T* out, int64_t ld);
 void store_fence();
-
-// "avx2" or "generic": which implementation micro_kernel returns on this machine.
-const char* micro_kernel_isa();
 
 }  // namespace efcn_cpu
