@@ -56,6 +56,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks/ --benchmark
+	$(BIN)/python benchmarks/report.py
 
 # AddressSanitizer + UBSan: builds the CPU extension into $(SAN)/ (the in-place build is left
 # alone), copies the package there around it, and runs the CPU op tests against that copy.
