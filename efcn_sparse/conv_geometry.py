@@ -218,20 +218,15 @@ def build_layout(geo: ConvGeometry, halo: Halo = 0, block_shape: Optional[Tuple[
     aligned = Cout % BR == 0 and Cin % BC == 0
     if (aligned and geo.groups == 1) or keys.numel() == 0:
         return BSRLayout.from_block_coords((M, N), (BR, BC), brow, bcol, device=device)
-    pats_list, ids_list = [], []
     rr, cc = torch.arange(BR), torch.arange(BC)
     if aligned:
         # a block lies inside one pixel pair of the support: its mask is the group pattern at its channel offset
-        r0 = (brow * BR) % Cout
-        c0 = (bcol * BC) % Cin
-        okey = r0 * Cin + c0
-        uniq, inv = torch.unique(okey, return_inverse=True)
+        okey = (brow * BR) % Cout * Cin + (bcol * BC) % Cin
+        uniq, ids = torch.unique(okey, return_inverse=True)
         pats = _group_ok(geo, (uniq // Cin)[:, None, None] + rr[None, :, None], (uniq % Cin)[:, None, None] + cc[None, None, :])
-        pats_list, ids_list = [pats], [inv]
     else:
         # tiles span several pixels: compute each block's mask, in chunks, and deduplicate
-        offset = 0
-        known = {}
+        known, pats_list, ids_list = {}, [], []
         for s in range(0, keys.numel(), 4096):
             R = brow[s:s + 4096, None, None] * BR + rr[None, :, None]
             C = bcol[s:s + 4096, None, None] * BC + cc[None, None, :]
@@ -243,14 +238,11 @@ def build_layout(geo: ConvGeometry, halo: Halo = 0, block_shape: Optional[Tuple[
             for i, row in enumerate(u):  # distinct patterns only (a handful)
                 b = row.numpy().tobytes()
                 if b not in known:
-                    known[b] = offset
-                    offset += 1
+                    known[b] = len(known)
                     pats_list.append(row.reshape(1, BR, BC))
                 ids[i] = known[b]
             ids_list.append(ids[inv])
-        pats = torch.cat(pats_list) if pats_list else torch.zeros(0, BR, BC, dtype=torch.bool)
-    ids = torch.cat(ids_list) if ids_list else torch.zeros(0, dtype=torch.int64)
-    pats = torch.cat(pats_list) if aligned else pats
+        pats, ids = torch.cat(pats_list), torch.cat(ids_list)
     keep = pats.reshape(pats.shape[0], BR * BC).any(1)[ids]  # drop blocks that lie wholly in other groups
     return BSRLayout.from_block_coords((M, N), (BR, BC), brow[keep], bcol[keep], mask_ids=ids[keep],
                                        mask_patterns=pats, device=device)
