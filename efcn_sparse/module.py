@@ -18,7 +18,7 @@ from torch import Tensor
 from . import backends
 from .conv_geometry import ConvGeometry, Halo, build_layout, check_halo, embed_bias, embed_weight
 from .layout import INDEX_FIELDS, MASK_FIELDS, BSRLayout, memory_budget_bytes
-from .ops import linear
+from .ops import autocast_dtype, linear
 
 __all__ = ["SparseEFCN"]
 
@@ -185,7 +185,7 @@ class SparseEFCN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
-        if x.dtype != self.values.dtype:
+        if x.dtype != self.values.dtype and autocast_dtype(x.device) is None:
             raise TypeError(f"input dtype {x.dtype} does not match the layer's dtype {self.values.dtype}")
         if x.device != self.values.device:
             raise RuntimeError(f"input on device {x.device}, but the layer is on device {self.values.device}")

@@ -20,7 +20,7 @@ from torch import Tensor
 from . import backends
 from .layout import BSRLayout
 
-__all__ = ["bsr_linear", "bsr_grad_input", "bsr_grad_weight", "linear"]
+__all__ = ["bsr_linear", "bsr_grad_input", "bsr_grad_weight", "linear", "autocast_dtype"]
 
 
 def _check_operand(name: str, t: Tensor, cols: int, values: Tensor) -> None:
@@ -138,11 +138,41 @@ def _(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC, backend):
     return dy.new_empty(row_idx.shape[0], BR, BC)
 
 
+# --------------------------------------------------------------------------- autocast
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` computes linear layers in on ``device``, or None outside autocast."""
+    kind = torch.device(device).type
+    if kind not in ("cpu", "cuda", "xpu", "hpu", "mps"):
+        return None
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    if kind == "cpu":
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    return torch.get_autocast_gpu_dtype() if kind == "cuda" and torch.is_autocast_enabled() else None
+
+
+def _autocast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    # as autocast's own casts: floating tensors other than float64 go to the autocast dtype; the
+    # cast is differentiable, so float32 master values receive float32 gradients
+    if t is None or t.dtype == dtype or t.dtype not in _AUTOCAST_ELIGIBLE:
+        return t
+    return t.to(dtype)
+
+
 # --------------------------------------------------------------------------- convenience
 def linear(x: Tensor, layout: BSRLayout, values: Tensor, bias: Optional[Tensor] = None,
            backend: Optional[str] = None) -> Tensor:
-    """``x [B, N] @ W^T + bias`` for W given by ``layout`` and ``values``; differentiable in all three."""
+    """``x [B, N] @ W^T + bias`` for W given by ``layout`` and ``values``; differentiable in all three.
+
+    Inside ``torch.autocast`` it computes in the autocast dtype, as ``F.linear`` does: ``x``,
+    ``values`` and ``bias`` are cast (float64 is left alone) and the output has that dtype."""
     M, N = layout.shape
+    cast = autocast_dtype(x.device) if isinstance(x, Tensor) else None
+    if cast is not None:
+        x, values, bias = _autocast(x, cast), _autocast(values, cast), _autocast(bias, cast)
     if values.shape[1:] != torch.Size(layout.block_shape) or values.shape[0] != layout.nnzb:
         layout.check_values(values)
     _check_operand("input", x, N, values)

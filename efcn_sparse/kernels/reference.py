@@ -11,11 +11,25 @@ values [nnzb, BR, BC] hold zeros at masked entries; edge blocks may stick out of
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
 _CHUNK_BYTES = 64 * 2**20
+
+
+def _exact_dtypes(kernel):
+    """Run ``kernel`` with autocast off: its matmuls must keep the dtypes it chose (the ops layer
+    has already applied autocast's casts to the operands)."""
+    @functools.wraps(kernel)
+    def run(*args, **kwargs):
+        kind = args[0].device.type
+        if kind not in ("cpu", "cuda"):
+            return kernel(*args, **kwargs)
+        with torch.autocast(kind, enabled=False):
+            return kernel(*args, **kwargs)
+    return run
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -36,6 +50,7 @@ def _chunks(nnzb: int, per_block_bytes: int):
         yield s, min(nnzb, s + step)
 
 
+@_exact_dtypes
 def forward(x, values, bias: Optional[torch.Tensor], crow_ptr, col_idx, row_idx, M: int):
     B, N = x.shape
     nnzb, BR, BC = values.shape
@@ -54,6 +69,7 @@ def forward(x, values, bias: Optional[torch.Tensor], crow_ptr, col_idx, row_idx,
     return y.to(values.dtype).contiguous()
 
 
+@_exact_dtypes
 def grad_input(dy, values, ccol_ptr, t_row_idx, t_perm, N: int):
     B, M = dy.shape
     nnzb, BR, BC = values.shape
@@ -70,6 +86,7 @@ def grad_input(dy, values, ccol_ptr, t_row_idx, t_perm, N: int):
     return acc.permute(2, 0, 1).reshape(B, nbc * BC)[:, :N].to(values.dtype).contiguous()
 
 
+@_exact_dtypes
 def grad_weight(dy, x, row_idx, col_idx, mask_ids: Optional[torch.Tensor], mask_patterns: Optional[torch.Tensor],
                 BR: int, BC: int):
     B, M = dy.shape
