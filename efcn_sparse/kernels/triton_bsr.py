@@ -7,7 +7,8 @@
 Runs CUDA tensors on a GPU, or CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``
 set before triton is imported). float32 is exact (``input_precision="ieee"``) unless TF32 is
 allowed (``EFCN_TRITON_TF32=1`` or :func:`set_allow_tf32`); float16/bfloat16 use tensor cores;
-accumulation is float32 (float64 for float64).
+accumulation is float32. float64 runs on the FMA units (rank-1 updates, float64 accumulation,
+no ``tl.dot``), exact but slow: ``auto`` prefers the ``cuda`` backend for it.
 
 Launch configurations are autotuned on the GPU, keyed on block shape, batch bucket, blocks per
 row and dtype; ``EFCN_TRITON_AUTOTUNE=0`` (read at each call) uses a fixed heuristic instead,
@@ -40,6 +41,7 @@ __all__ = ["forward", "grad_input", "grad_weight", "unavailable_reason", "set_al
 
 _allow_tf32 = os.environ.get("EFCN_TRITON_TF32", "0") == "1"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+DTYPES = _DTYPES  # read by backends.resolve("auto")
 
 
 def set_allow_tf32(flag: bool) -> None:
