@@ -34,6 +34,11 @@ class SparseEFCN(nn.Module):
         in_shape / out_shape: optional (C, H, W) of the input and output images; with them the
             layer takes and returns images, else flat features.
         backend: kernel backend (``None``: the global default, see ``efcn_sparse.backends``).
+
+    ``accumulate_grad`` (attribute, default False): when True and ``values.grad`` exists, the
+    backward adds dW into it in place instead of allocating a fresh [nnzb, BR, BC] gradient
+    (gradient accumulation, ``zero_grad(set_to_none=False)``); not with DDP/FSDP or gradient hooks
+    on ``values`` (see :func:`efcn_sparse.ops.linear`).
     """
 
     def __init__(self, layout: BSRLayout, values: Optional[Tensor] = None, bias=None,
@@ -52,6 +57,8 @@ class SparseEFCN(nn.Module):
         self.backend = backends.check_name(backend) if backend is not None else None
         self.geometry: Optional[ConvGeometry] = None
         self.halo: Optional[Halo] = None
+        # add dW into an existing values.grad in place (no dW temporary); see ops.linear
+        self.accumulate_grad = False
         for f in INDEX_FIELDS:
             self.register_buffer(f, getattr(layout, f).to(device=device))
         for f in MASK_FIELDS:
@@ -190,7 +197,7 @@ class SparseEFCN(nn.Module):
         if x.device != self.values.device:
             raise RuntimeError(f"input on device {x.device}, but the layer is on device {self.values.device}")
         flat, image = self._flatten(x)
-        y = linear(flat, self.layout, self.values, self.bias, backend=self.backend)
+        y = linear(flat, self.layout, self.values, self.bias, backend=self.backend, accumulate_grad=self.accumulate_grad)
         if not image:
             return y
         C, Ho, Wo = self.out_shape

@@ -8,17 +8,21 @@ import torch.nn.functional as F
 import efcn_sparse
 from efcn_sparse import SparseEFCN, ops
 
-CPU_BACKENDS = [b for b in ("reference", "cpu") if b in efcn_sparse.available_backends("cpu")]
+GPU = torch.cuda.is_available()
+# (device, backend): every backend that runs here; the GPU ones where a GPU is present
+CASES = [("cpu", b) for b in ("reference", "cpu") if b in efcn_sparse.available_backends("cpu")] + [
+    ("cuda", b) for b in ("cuda", "triton") if GPU and b in efcn_sparse.available_backends("cuda")]
+CPU_BACKENDS = [b for d, b in CASES if d == "cpu"]
 LOW = [torch.bfloat16, torch.float16]
 
 
-def _layer(backend, seed=0):
+def _layer(backend, seed=0, device="cpu"):
     torch.manual_seed(seed)
     conv = nn.Conv2d(6, 32, 3, padding=1, groups=2)  # groups: masked entries inside stored blocks
     m = SparseEFCN.from_conv(conv, (5, 5), halo=1, backend=backend)
     with torch.no_grad():  # off-local (halo) entries non-zero too, masked ones untouched
         m.values.add_(m.layout.apply_mask(0.1 * torch.randn_like(m.values)))
-    return conv, m
+    return conv.to(device), m.to(device)
 
 
 def _raw_masked(m):
@@ -26,11 +30,11 @@ def _raw_masked(m):
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_module_computes_in_the_autocast_dtype_like_an_explicit_cast(backend, dtype):
-    _, m = _layer(backend)
-    x = torch.randn(7, 6, 5, 5)
-    with torch.autocast("cpu", dtype=dtype):
+@pytest.mark.parametrize("device,backend", CASES)
+def test_module_computes_in_the_autocast_dtype_like_an_explicit_cast(device, backend, dtype):
+    _, m = _layer(backend, device=device)
+    x = torch.randn(7, 6, 5, 5, device=device)
+    with torch.autocast(device, dtype=dtype):
         y = m(x)
     assert y.dtype == dtype
     # the same numbers as casting by hand outside autocast: autocast changes dtypes, nothing else
@@ -40,13 +44,13 @@ def test_module_computes_in_the_autocast_dtype_like_an_explicit_cast(backend, dt
     assert m.values.dtype == torch.float32  # the master values are not touched
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_autocast_output_matches_the_conv_to_bfloat16_precision(backend):
-    conv, m = _layer(backend)
+@pytest.mark.parametrize("device,backend", CASES)
+def test_autocast_output_matches_the_conv_to_bfloat16_precision(device, backend):
+    conv, m = _layer(backend, device=device)
     with torch.no_grad():
         m.values.copy_(SparseEFCN.from_conv(conv, (5, 5), halo=1).values)
-    x = torch.randn(5, 6, 5, 5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    x = torch.randn(5, 6, 5, 5, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         y, y_conv = m(x), conv(x)
     assert y.dtype == y_conv.dtype == torch.bfloat16
     # independent reference: the conv in float32 on bfloat16-rounded operands
@@ -56,11 +60,11 @@ def test_autocast_output_matches_the_conv_to_bfloat16_precision(backend):
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_float32_master_values_get_float32_gradients_and_masked_ones_stay_zero(backend, dtype):
-    _, m = _layer(backend)
-    x = torch.randn(7, 6, 5, 5, requires_grad=True)
-    with torch.autocast("cpu", dtype=dtype):
+@pytest.mark.parametrize("device,backend", CASES)
+def test_float32_master_values_get_float32_gradients_and_masked_ones_stay_zero(device, backend, dtype):
+    _, m = _layer(backend, device=device)
+    x = torch.randn(7, 6, 5, 5, device=device, requires_grad=True)
+    with torch.autocast(device, dtype=dtype):
         loss = m(x).float().square().sum()
     loss.backward()
     assert m.values.grad.dtype == torch.float32 and m.bias.grad.dtype == torch.float32

@@ -36,6 +36,9 @@ struct Launch {
   }
   void writes(at::Tensor& t) const {  // poisoned, so that entries the kernel skips show
     if (t.is_floating_point()) t.fill_(std::numeric_limits<double>::quiet_NaN());
+    updates(t);
+  }
+  void updates(const at::Tensor& t) const {  // read and written: not poisoned
     if (t.numel() > 0) efcn_emu::register_buffer(t.data_ptr(), t.nbytes(), true);
   }
 };
@@ -49,6 +52,7 @@ struct Launch {
   cudaStream_t stream() const { return c10::cuda::getCurrentCUDAStream().stream(); }
   void reads(const at::Tensor&) const {}
   void writes(at::Tensor&) const {}
+  void updates(const at::Tensor&) const {}
 };
 #endif
 
@@ -183,9 +187,10 @@ at::Tensor bsr_grad_input(const at::Tensor& dy, const at::Tensor& values, const 
   return dx;
 }
 
-at::Tensor bsr_grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_idx, const at::Tensor& col_idx,
-                           const std::optional<at::Tensor>& mask_ids, const std::optional<at::Tensor>& mask_patterns,
-                           int64_t BR, int64_t BC) {
+// dW into `dw` (accumulate: dw += dW), after the checks every grad_weight entry point shares.
+void grad_weight_into(at::Tensor& dw, bool accumulate, const at::Tensor& dy, const at::Tensor& x,
+                      const at::Tensor& row_idx, const at::Tensor& col_idx, const std::optional<at::Tensor>& mask_ids,
+                      const std::optional<at::Tensor>& mask_patterns, int64_t BR, int64_t BC) {
   TORCH_CHECK(dy.device().type() == kDevice, "efcn_sparse cuda backend: dy must be a ", c10::DeviceTypeName(kDevice),
               " tensor, got one on ", dy.device());
   check_dtype(dy, "dy");
@@ -207,15 +212,26 @@ at::Tensor bsr_grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::
                 "efcn_sparse cuda backend: mask_patterns must be a contiguous bool [n, ", BR, ", ", BC, "] tensor, got ",
                 mp.scalar_type(), " ", mp.sizes());
   }
-  at::Tensor dw = at::empty({nnzb, BR, BC}, dy.options());
-  if (nnzb == 0) return dw;
-  if (B == 0) return dw.zero_();
+  check_device(dw, "out", dy);
+  TORCH_CHECK(dw.scalar_type() == dy.scalar_type() && dw.dim() == 3 && dw.size(0) == nnzb && dw.size(1) == BR &&
+                  dw.size(2) == BC && dw.is_contiguous(),
+              "efcn_sparse cuda backend: out must be a contiguous ", dy.scalar_type(), " [", nnzb, ", ", BR, ", ", BC,
+              "] tensor, got ", dw.scalar_type(), " ", dw.sizes());
+  if (nnzb == 0) return;
+  if (B == 0) {
+    if (!accumulate) dw.zero_();
+    return;
+  }
   TORCH_CHECK(M > 0 && N > 0, "efcn_sparse cuda backend: dy [B, M] and x [B, N] must have features, got ", dy.sizes(), " and ",
               x.sizes());
   Launch launch(dy);
   launch.reads(dy), launch.reads(x), launch.reads(row_idx), launch.reads(col_idx);
   if (mask_ids.has_value()) launch.reads(*mask_ids), launch.reads(*mask_patterns);
-  launch.writes(dw);
+  if (accumulate) {
+    launch.updates(dw);
+  } else {
+    launch.writes(dw);
+  }
   GwParams p;
   p.dy = dy.data_ptr();
   p.x = x.data_ptr();
@@ -229,8 +245,24 @@ at::Tensor bsr_grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::
   }
   p.batch = B, p.M = M, p.N = N, p.nnzb = nnzb;
   p.BR = static_cast<int>(BR), p.BC = static_cast<int>(BC);
+  p.accumulate = accumulate;
   launch_grad_weight(p, dtype_of(dy), launch.stream());
+}
+
+at::Tensor bsr_grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_idx, const at::Tensor& col_idx,
+                           const std::optional<at::Tensor>& mask_ids, const std::optional<at::Tensor>& mask_patterns,
+                           int64_t BR, int64_t BC) {
+  check_dtype(dy, "dy");
+  at::Tensor dw = at::empty({row_idx.numel(), BR, BC}, dy.options());
+  grad_weight_into(dw, false, dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC);
   return dw;
+}
+
+void bsr_grad_weight_acc(at::Tensor& out, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_idx,
+                         const at::Tensor& col_idx, const std::optional<at::Tensor>& mask_ids,
+                         const std::optional<at::Tensor>& mask_patterns) {
+  TORCH_CHECK(out.dim() == 3, "efcn_sparse cuda backend: out must be [nnzb, BR, BC], got shape ", out.sizes());
+  grad_weight_into(out, true, dy, x, row_idx, col_idx, mask_ids, mask_patterns, out.size(1), out.size(2));
 }
 
 }  // namespace
@@ -241,5 +273,6 @@ TORCH_LIBRARY_IMPL(efcn_sparse_C, CUDA, m) {
   m.impl("bsr_forward", &efcn_cuda::bsr_forward);
   m.impl("bsr_grad_input", &efcn_cuda::bsr_grad_input);
   m.impl("bsr_grad_weight", &efcn_cuda::bsr_grad_weight);
+  m.impl("bsr_grad_weight_acc", &efcn_cuda::bsr_grad_weight_acc);
 }
 #endif

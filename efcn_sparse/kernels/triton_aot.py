@@ -53,7 +53,8 @@ def compile_case(kind, dtype, block_shape, M, N, batch, cc=90, config=None, ptxa
     BRP, BCP = tb._side(BR), tb._side(BC)
     meta = dict(config or tb._heuristic(kind, batch, BRP, BCP, dtype))
     consts = dict(BR=BR, BC=BC, BRP=BRP, BCP=BCP, **tb._even(M, N, BR, BC), DOT_PREC=tb._dot_prec(dtype),
-                  ACC_F64=dtype == torch.float64, BLOCK_B=meta["BLOCK_B"], HAS_BIAS=True, HAS_MASK=True)
+                  ACC_F64=dtype == torch.float64, BLOCK_B=meta["BLOCK_B"], HAS_BIAS=True, HAS_MASK=True,
+                  ACCUMULATE=False)
     ints = dict(B=batch, M=M, N=N, B_KEY=min(tb._pow2(batch), 4096), BPR_KEY=8)
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):

@@ -144,10 +144,11 @@ def bsr_grad_weight_kernel(
     B, M, N, B_KEY,
     BR: tl.constexpr, BC: tl.constexpr, BRP: tl.constexpr, BCP: tl.constexpr, EVEN_M: tl.constexpr,
     EVEN_N: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, ACC_F64: tl.constexpr,
-    BLOCK_B: tl.constexpr,
+    ACCUMULATE: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """dW_k[r, c] = sum_b dY[b, row_k*BR + r] X[b, col_k*BC + c], times the element mask:
-    one program per stored block, reducing over the whole batch (deterministic, no atomics)."""
+    one program per stored block, reducing over the whole batch (deterministic, no atomics).
+    ``ACCUMULATE``: dw += dW instead (dW rounded to dw's dtype first, as ``dw += grad_weight`` does)."""
     k64 = tl.program_id(0).to(tl.int64)
     rr = tl.arange(0, BRP)
     cc = tl.arange(0, BCP)
@@ -183,7 +184,13 @@ def bsr_grad_weight_kernel(
         else:
             keep = tl.load(mask_pat_ptr + pat * (BR * BC) + w_offs, mask=w_ok, other=0)
         acc = tl.where(keep != 0, acc, 0.0)  # exact zeros, even where the sums are NaN
+    out = acc.to(dw_ptr.dtype.element_ty)
     if full:
-        tl.store(dw_ptr + k64 * (BR * BC) + w_offs, acc.to(dw_ptr.dtype.element_ty))
+        if ACCUMULATE:
+            out = (tl.load(dw_ptr + k64 * (BR * BC) + w_offs).to(acc.dtype) + out.to(acc.dtype)).to(out.dtype)
+        tl.store(dw_ptr + k64 * (BR * BC) + w_offs, out)
     else:
-        tl.store(dw_ptr + k64 * (BR * BC) + w_offs, acc.to(dw_ptr.dtype.element_ty), mask=w_ok)
+        if ACCUMULATE:
+            old = tl.load(dw_ptr + k64 * (BR * BC) + w_offs, mask=w_ok, other=0.0)
+            out = (old.to(acc.dtype) + out.to(acc.dtype)).to(out.dtype)
+        tl.store(dw_ptr + k64 * (BR * BC) + w_offs, out, mask=w_ok)
