@@ -182,28 +182,19 @@ class MemoryPlan:
                     largest_layer=name, largest_gathered=largest, gathered_peak=gathered_peak,
                     peak_bytes=weights + shard + self.n_states * shard + gathered_peak)
 
-    def needed_world_size(self, capacity: int, max_world: int = 1 << 16) -> Optional[int]:
-        """The smallest world size whose ``peak_bytes`` fits ``capacity`` bytes per rank; None when
-        none does (the replicated part or one gathered layer alone is too big)."""
-        n = 1
-        while n <= max_world:
+    def needed_world_size(self, capacity: int, max_world: int = 4096) -> Optional[int]:
+        """The smallest world size up to ``max_world`` whose ``peak_bytes`` fits ``capacity`` bytes
+        per rank; None when none does (the replicated part or one gathered layer alone is too big).
+        A linear scan: padding to multiples of the world size makes the peak not quite monotone."""
+        for n in range(1, max_world + 1):
             if self.at(n)["peak_bytes"] <= capacity:
-                lo = n // 2 + 1 if n > 1 else 1  # peak_bytes falls with n: bisect the last doubling
-                hi = n
-                while lo < hi:
-                    mid = (lo + hi) // 2
-                    if self.at(mid)["peak_bytes"] <= capacity:
-                        hi = mid
-                    else:
-                        lo = mid + 1
-                return hi
-            n *= 2
+                return n
         return None
 
     def __str__(self) -> str:
         d = self.at(self.world_size)
         dt = lambda t: "as stored" if t is None else str(t).replace("torch.", "")  # noqa: E731
-        return (f"memory plan per rank on {d['world_size']} rank(s) (FSDP, optimizer {self.optimizer or 'none'}, "
+        return (f"memory plan per rank on {d['world_size']} rank(s) ({'FSDP' if d['world_size'] > 1 else 'unsharded'}, optimizer {self.optimizer or 'none'}, "
                 f"dtype {dt(self.dtype)}, compute {dt(self.param_dtype)}): weights {_gib(d['weights'])}, gradients "
                 f"{_gib(d['gradients'])}, optimizer state {_gib(d['optimizer_state'])}, largest gathered layer "
                 f"{_gib(d['largest_gathered'])} ({d['largest_layer']}); peak about {_gib(d['peak_bytes'])} "

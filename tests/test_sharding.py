@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from efcn_sparse import SparseEFCN, embed, sharding, summary
+from efcn_sparse import ConvGeometry, SparseEFCN, embed, sharding, summary
 from efcn_sparse import training as T
+from efcn_sparse.protocol import RunError, load_run, relax
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -92,3 +93,155 @@ def test_two_ranks_train_like_one_and_checkpoints_move_across_world_sizes(tmp_pa
     for k, v in fresh.state_dict().items():
         if isinstance(v, torch.Tensor):
             assert torch.equal(v, full[k]), k
+
+
+# ---------------------------------------------------------------------------------------- the relax protocol
+@needs_fsdp
+def test_relax_fsdp_two_ranks_then_resume_on_one(tmp_path):
+    """--fsdp on 2 ranks matches the unsharded run; killed mid-way, it resumes on 1 process from the
+    sharded checkpoints to the same metrics."""
+    from test_protocol import TINY, _assert_same, _cli_args, _env
+
+    ref = str(tmp_path / "ref")
+    relax(out=ref, quiet=True, plots=False, **TINY)
+    out = str(tmp_path / "fsdp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "efcn_sparse", "relax", *_cli_args(TINY), "--fsdp", "--out", out, "--quiet", "--no-plots"]
+    # 2 batches per epoch: the CNN takes 4, the kill lands in the 2nd epoch of efcn_tw0 (sharded)
+    p = subprocess.run(cmd, env=dict(_env(), OMP_NUM_THREADS="1", EFCN_FAULT_AFTER_BATCHES="7"),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0, p.stdout[-2000:] + p.stderr[-2000:]
+    meta, partial = load_run(out)
+    assert meta["world_size"] == 2 and meta["config"]["fsdp"] is True
+    assert ("efcn_tw0", 1) in {(r["arm"], r["epochs_trained"]) for r in partial}
+    ckpts = os.listdir(os.path.join(out, "checkpoints"))
+    assert "efcn_tw0.dcp" in ckpts and "efcn_tw0.pt" not in ckpts and "cnn.pt" in ckpts
+    assert sharding.checkpoint_meta(os.path.join(out, "checkpoints", "efcn_tw0.dcp")) == \
+        {"epoch": 1, "done": False, "world_size": 2}
+    # sharded on 2 ranks == unsharded on 1, to float rounding
+    _assert_same([r for r in partial if r["arm"] != "efcn_tw0" or r["epochs_trained"] <= 1],
+                 [r for r in load_run(ref)[1] if r["arm"] == "cnn" or (r["arm"] == "efcn_tw0" and r["epochs_trained"] <= 1)],
+                 rel=1e-4, acc_slack=1.0 / 40 + 1e-12)
+    relax(out=out, resume=True, quiet=True, plots=False, fsdp=True, **TINY)  # 1 process
+    _assert_same(load_run(out)[1], load_run(ref)[1], rel=1e-4, acc_slack=1.0 / 40 + 1e-12)
+    assert not [n for n in os.listdir(os.path.join(out, "checkpoints")) if n.endswith((".tmp", ".old"))]
+
+
+def test_relax_refuses_a_plan_that_cannot_fit(tmp_path, monkeypatch, capsys):
+    from efcn_sparse.cli import main
+
+    monkeypatch.setenv("EFCN_DEVICE_MEMORY_GIB", "80")
+    args = ["relax", "--model", "resnet18", "--dataset", "synthetic", "--image-size", "32", "--train-size", "8",
+            "--test-size", "8", "--halo", "full", "--optimizer", "adam", "--device", "cpu", "--quiet",
+            "--out", str(tmp_path / "r")]
+    assert main(args + ["--fsdp"]) == 2
+    err = capsys.readouterr().err
+    assert "over this device's 80.00 GiB" in err and "--fsdp on at least" in err
+    need = int(err.split("--fsdp on at least ")[1].split()[0])
+    assert need > 1
+    assert main(args) == 2  # replicated (DDP) says the same, and that it needs sharding
+    assert "replicated (DDP) it cannot fit" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "r" / "checkpoints")
+    monkeypatch.setenv("EFCN_DEVICE_MEMORY_GIB", "40")  # a float32 layer of 16 GiB, 3 in flight: no world size helps
+    assert main(args + ["--fsdp"]) == 2
+    assert "FSDP cannot split a layer" in capsys.readouterr().err
+
+
+def test_param_dtype_needs_fsdp(tmp_path):
+    from test_protocol import TINY
+
+    with pytest.raises(RunError, match="--param-dtype needs --fsdp"):
+        relax(out=str(tmp_path / "r"), quiet=True, param_dtype="bfloat16", **TINY)
+
+
+# ---------------------------------------------------------------------------------------- memory plan
+def _cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1, stride=2),
+                         nn.BatchNorm2d(32), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 16, 5))
+
+
+@pytest.mark.parametrize("halo", [0, 1, "full"])
+def test_plan_counts_what_the_built_model_holds(halo):
+    cnn = _cnn()
+    net = embed(cnn, (3, 8, 8), halo=halo)
+    params = sum(p.numel() * p.element_size() for p in net.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in net.buffers())
+    for world in (1, 2, 3):
+        counted = summary(cnn, (3, 8, 8), halo=halo, world_size=world, optimizer="adam").plan
+        built = summary(net, world_size=world, optimizer="adam").plan
+        assert counted.at(world) == built.at(world)
+        # each parameter split along dim 0 in chunks of ceil(d0 / world)
+        shard = sum(-(-p.shape[0] // world) * (p.numel() // p.shape[0]) * p.element_size() for p in net.parameters())
+        assert built.gradients == shard and built.optimizer_state == 2 * shard
+        assert built.weights == shard + buffers
+    plan1 = summary(net, world_size=1).plan
+    assert plan1.weights == params + buffers and plan1.optimizer_state == 0 and plan1.largest_gathered == 0
+    plan2 = summary(net, world_size=2, param_dtype=torch.bfloat16).plan
+    biggest = max((m for m in net.modules() if isinstance(m, SparseEFCN)), key=lambda m: m.values.numel())
+    assert plan2.largest_gathered == (-(-biggest.nnzb // 2) * 2 * biggest.values[0].numel() + biggest.bias.numel()) * 2
+    assert summary(net, world_size=2, optimizer="sgd").plan.optimizer_state == plan2.gradients
+
+
+def test_plan_needed_world_size_is_the_smallest_that_fits():
+    plan = summary(_cnn(), (3, 8, 8), halo="full", world_size=1, optimizer="adam").plan
+    peaks = [plan.at(n)["peak_bytes"] for n in range(1, 9)]
+    for cap in (peaks[0], peaks[2] + 1, peaks[5]):
+        need = plan.needed_world_size(cap)
+        assert plan.at(need)["peak_bytes"] <= cap and (need == 1 or plan.at(need - 1)["peak_bytes"] > cap)
+    # three gathered copies of the largest layer plus the replicated layout are the floor: FSDP cannot go lower
+    floor = min((plan.at(n) for n in range(1, 4097)), key=lambda d: d["peak_bytes"])
+    assert floor["peak_bytes"] > 3 * floor["largest_gathered"] > 0
+    cap = floor["peak_bytes"] - 1
+    assert plan.needed_world_size(cap) is None
+    with pytest.raises(MemoryError, match="cannot split a layer"):
+        sharding.check_plan(_cnn(), (3, 8, 8), "full", 2, True, "adam", capacity=cap)
+    assert sharding.check_plan(_cnn(), (3, 8, 8), "full", 2, True, "adam", capacity=peaks[1]).world_size == 2
+
+
+def test_plan_of_resnet18_full_is_counted_without_building_it():
+    from efcn_sparse.embedding import conv_input_sizes
+    from efcn_sparse.models import get_model
+
+    m = get_model("resnet18", in_channels=3, image_size=32, num_classes=10)
+    s = summary(m, (3, 32, 32), halo="full", world_size=8, optimizer="adam", param_dtype=torch.bfloat16)
+    sizes = conv_input_sizes(m, (3, 32, 32))
+    dense = 0
+    for path, conv in m.named_modules():
+        if isinstance(conv, nn.Conv2d):
+            geo = ConvGeometry.from_conv(conv, sizes[path])
+            dense += geo.out_features * geo.in_features + (geo.out_features if conv.bias is not None else 0)
+    assert s.total["stored"] - s.rows[-1]["stored"] == dense  # halo "full" stores the dense eFCN
+    assert dense > 2.7e10
+    assert s.plan.largest_gathered == 65536 * 65536 * 2 and s.plan.largest_layer == "layer1.0.conv1"
+    assert "largest gathered layer 8.00 GiB (layer1.0.conv1)" in str(s)
+
+
+def test_bad_plan_options():
+    with pytest.raises(ValueError, match="optimizer"):
+        summary(_cnn(), (3, 8, 8), optimizer="rmsprop")
+    with pytest.raises(ValueError, match="world_size"):
+        summary(_cnn(), (3, 8, 8), world_size=0)
+    with pytest.raises(ValueError, match="dtype"):
+        summary(_cnn(), (3, 8, 8), world_size=2, dtype=torch.int8)
+
+
+# ---------------------------------------------------------------------------------------- devices, errors
+def test_rank_device_from_local_rank():
+    cuda = torch.device("cuda")
+    assert T.rank_device(cuda, 3, device_count=4) == torch.device("cuda", 3)
+    assert T.rank_device(cuda, 3, device_count=1) == torch.device("cuda", 0)  # one GPU visible per task (SLURM)
+    with pytest.raises(ValueError, match="LOCAL_RANK=5, but this process sees 4 GPU"):
+        T.rank_device(cuda, 5, device_count=4)
+    assert T.rank_device(torch.device("cpu"), 5, device_count=0) == torch.device("cpu")
+
+
+def test_shard_needs_a_process_group_and_efcn_layers():
+    if not sharding.fsdp_available():
+        with pytest.raises(sharding.ShardingError, match="torch >= 2.4"):
+            sharding.shard(embed(_cnn(), (3, 8, 8)))
+        return
+    with pytest.raises(sharding.ShardingError, match="no process group"):
+        sharding.shard(embed(_cnn(), (3, 8, 8)))
+    with pytest.raises(ValueError, match="bfloat17"):
+        sharding.mixed_precision("bfloat17")
