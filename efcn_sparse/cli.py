@@ -265,7 +265,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--optimizer", choices=("none", "sgd", "adam"), default="sgd", help="sgd: with momentum")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--param-dtype", choices=("float32", "bfloat16", "float16"), default=None)
-    p.add_argument("--device-memory", type=_positive(float), default=None, help="GiB per device: print the ranks needed")
+    p.add_argument("--device-memory", type=_positive(float), default=None,
+                   help="GiB per device: print the ranks needed")
     p.add_argument("--layers", action="store_true", help="also print the per-layer table")
     p.set_defaults(func=_plan)
     p = sub.add_parser("export", help="convert a sharded (--fsdp) checkpoint directory into one state_dict file")

@@ -384,14 +384,15 @@ class _Run:
         from .embedding import embed
 
         c = self.cfg
-        return embed(cnn, self.data_info.input_shape, halo=c.halo, block_shape=c.block_shape, backend=c.backend)
+        return embed(cnn, self.data_info.input_shape, halo=c.halo, block_shape=c.block_shape, backend=c.backend,
+                     finish_layer=self.layer_sharder())
 
     def fresh_fcn(self) -> nn.Module:
         from .embedding import fcn_like
 
         c = self.cfg
         return fcn_like(self.new_cnn(), self.data_info.input_shape, halo=c.halo, block_shape=c.block_shape,
-                        backend=c.backend, seed=T.epoch_seed(c.seed, "fcn", -1))
+                        backend=c.backend, seed=T.epoch_seed(c.seed, "fcn", -1), finish_layer=self.layer_sharder())
 
     # ---------------------------------------------------------------- bookkeeping
     def ckpt(self, name: str) -> str:
@@ -505,8 +506,14 @@ class _Run:
         self.save(state, arm)
 
     # ---------------------------------------------------------------- sharding (cfg.fsdp: FCN-space arms)
+    def layer_sharder(self) -> Optional[Callable[[nn.Module], object]]:
+        """When sharding: each eFCN layer is sharded as soon as it is built (one whole layer at a time)."""
+        if not (self.cfg.fsdp and self.dist.enabled):
+            return None
+        return lambda layer: S.shard_layer(layer, param_dtype=self.cfg.param_dtype)
+
     def prepare(self, model: nn.Module, kind: str) -> nn.Module:
-        """FSDP2 over the eFCN layers when sharding (the CNN arm stays replicated: it is small)."""
+        """FSDP2 over the root too when sharding (the CNN arm stays replicated: it is small)."""
         if not (self.cfg.fsdp and kind != "cnn" and self.dist.enabled):
             return model
         return S.shard(model, param_dtype=self.cfg.param_dtype)

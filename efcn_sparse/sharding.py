@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from .module import SparseEFCN
 
-__all__ = ["shard", "is_sharded", "ShardingError", "fsdp_available", "mixed_precision", "save_checkpoint",
+__all__ = ["shard", "shard_layer", "is_sharded", "ShardingError", "fsdp_available", "mixed_precision", "save_checkpoint",
            "load_checkpoint", "checkpoint_meta", "full_state_dict", "export_checkpoint", "unsharded_cnn",
            "device_capacity", "check_plan"]
 
@@ -131,10 +131,62 @@ def _own_output(module, args, out):
     return out
 
 
+_MESHES: dict = {}
+
+
+def _default_mesh(device: torch.device):
+    """All ranks in one dimension, one mesh per device type and process group (layers share it)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    key = (device.type, id(dist.group.WORLD), dist.get_world_size())
+    if key not in _MESHES:
+        _MESHES.clear()
+        _MESHES[key] = init_device_mesh(device.type, (dist.get_world_size(),))
+    return _MESHES[key]
+
+
+def _require_group(what: str) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ShardingError(f"{what}: no process group: run under torchrun (or call "
+                            "torch.distributed.init_process_group first)")
+
+
+def _policy(mp_policy, param_dtype, reduce_dtype):
+    if mp_policy is not None and (param_dtype is not None or reduce_dtype is not None):
+        raise ValueError("shard: give mp_policy or param_dtype/reduce_dtype, not both")
+    return mp_policy if mp_policy is not None else mixed_precision(param_dtype, reduce_dtype)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    devices = {t.device for t in list(module.parameters()) + list(module.buffers())}
+    if len(devices) != 1:
+        raise ValueError(f"shard: the model's tensors are on several devices {sorted(map(str, devices))}: move it "
+                         "to this rank's device first")
+    return devices.pop()
+
+
+def shard_layer(layer: SparseEFCN, mesh=None, mp_policy=None, param_dtype=None, reduce_dtype=None,
+                reshard_after_forward: bool = True) -> SparseEFCN:
+    """Shard one ``SparseEFCN`` in place (an FSDP2 unit: its ``values`` and ``bias``). Give it as
+    ``finish_layer`` to ``embed``/``fcn_like`` to shard each layer as soon as it is built, so that a
+    rank never holds more than one whole layer; then call :func:`shard` on the model for the root."""
+    fully_shard, _, FSDPModule = _fsdp()
+    _require_group("shard_layer")
+    if not isinstance(layer, SparseEFCN):
+        raise TypeError(f"shard_layer: expected a SparseEFCN, got {type(layer).__name__}")
+    if isinstance(layer, FSDPModule):
+        raise ShardingError("shard_layer: this layer is already sharded")
+    layer.register_forward_hook(_own_output)  # before FSDP's hook, which then sees the copy
+    fully_shard(layer, mesh=mesh if mesh is not None else _default_mesh(_device_of(layer)),
+                mp_policy=_policy(mp_policy, param_dtype, reduce_dtype), reshard_after_forward=reshard_after_forward)
+    return layer
+
+
 def shard(model: nn.Module, mesh=None, mp_policy=None, param_dtype=None, reduce_dtype=None,
           reshard_after_forward: bool = True, check_layouts: bool = True) -> nn.Module:
-    """Shard ``model`` in place with FSDP2: one unit per ``SparseEFCN`` (its ``values`` and ``bias``),
-    then the root (every other parameter). Returns ``model``.
+    """Shard ``model`` in place with FSDP2: one unit per ``SparseEFCN`` (its ``values`` and ``bias``;
+    layers already sharded by :func:`shard_layer` are kept), then the root (every other parameter).
+    Returns ``model``.
 
     Every rank of the process group calls it with the same model (same layouts; ``check_layouts``
     verifies that with one all-gather of checksums). ``mesh``: a 1-D ``DeviceMesh`` (default: all
@@ -145,23 +197,14 @@ def shard(model: nn.Module, mesh=None, mp_policy=None, param_dtype=None, reduce_
     their autograd see plain tensors.
     """
     fully_shard, _, FSDPModule = _fsdp()
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ShardingError("shard: no process group: run under torchrun (or call "
-                            "torch.distributed.init_process_group first)")
-    if any(isinstance(m, FSDPModule) for m in model.modules()):
+    _require_group("shard")
+    if isinstance(model, FSDPModule):
         raise ShardingError("shard: the model is already sharded")
     layers = _efcn_modules(model)
     if not layers:
         raise ValueError("shard: the model has no SparseEFCN layer: embed it first (efcn_sparse.embed)")
-    if mp_policy is not None and (param_dtype is not None or reduce_dtype is not None):
-        raise ValueError("shard: give mp_policy or param_dtype/reduce_dtype, not both")
-    if mp_policy is None:
-        mp_policy = mixed_precision(param_dtype, reduce_dtype)
-    devices = {t.device for t in list(model.parameters()) + list(model.buffers())}
-    if len(devices) != 1:
-        raise ValueError(f"shard: the model's tensors are on several devices {sorted(map(str, devices))}: move it "
-                         "to this rank's device first")
-    device = devices.pop()
+    mp_policy = _policy(mp_policy, param_dtype, reduce_dtype)
+    device = _device_of(model)
     if check_layouts:
         mine = [_layout_fingerprint(m) for _, m in layers]
         every = [None] * dist.get_world_size()
@@ -173,15 +216,13 @@ def shard(model: nn.Module, mesh=None, mp_policy=None, param_dtype=None, reduce_
                                     f"({', '.join(bad) or 'a different number of layers'}): every rank must "
                                     "embed the same model with the same options")
     if mesh is None:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    kw = dict(mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+        mesh = _default_mesh(device)
     for _, m in layers:
-        m.register_forward_hook(_own_output)  # before FSDP's hook, which then sees the copy
-        if m is not model:
-            fully_shard(m, **kw)
-    fully_shard(model, **kw)
+        if m is not model and not isinstance(m, FSDPModule):
+            shard_layer(m, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    if model in [m for _, m in layers]:
+        model.register_forward_hook(_own_output)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
     return model
 
 

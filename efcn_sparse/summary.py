@@ -194,7 +194,8 @@ class MemoryPlan:
     def __str__(self) -> str:
         d = self.at(self.world_size)
         dt = lambda t: "as stored" if t is None else str(t).replace("torch.", "")  # noqa: E731
-        return (f"memory plan per rank on {d['world_size']} rank(s) ({'FSDP' if d['world_size'] > 1 else 'unsharded'}, optimizer {self.optimizer or 'none'}, "
+        how = "FSDP" if d["world_size"] > 1 else "unsharded"
+        return (f"memory plan per rank on {d['world_size']} rank(s) ({how}, optimizer {self.optimizer or 'none'}, "
                 f"dtype {dt(self.dtype)}, compute {dt(self.param_dtype)}): weights {_gib(d['weights'])}, gradients "
                 f"{_gib(d['gradients'])}, optimizer state {_gib(d['optimizer_state'])}, largest gathered layer "
                 f"{_gib(d['largest_gathered'])} ({d['largest_layer']}); peak about {_gib(d['peak_bytes'])} "
@@ -269,7 +270,8 @@ def summary(model: nn.Module, input_shape=None, halo: Halo = 0, block_shape=None
             nb = 0 if m.bias is None else M
             index_bytes = sum(t.numel() * t.element_size() for t in lay.tensors().values() if t is not None)
             nbytes = (m.values.numel() + nb) * es + index_bytes
-            units.append(dict(name=path, params=[(tuple(t.shape), es, cs) for t in (m.values, m.bias) if t is not None]))
+            units.append(dict(name=path, params=[(tuple(t.shape), es, cs) for t in (m.values, m.bias)
+                                                 if t is not None]))
             replicated += index_bytes
             geo = m.geometry
             cnn = local = None
@@ -295,7 +297,7 @@ def summary(model: nn.Module, input_shape=None, halo: Halo = 0, block_shape=None
                  tot["local"], tot["nnzb"], tot["bytes"], tot["dense_bytes"])
     plan = None
     if world_size is not None or optimizer is not None:
-        counted_buffers = {id(b) for m in model.modules() if isinstance(m, SparseEFCN) for b in m.buffers(recurse=False)}
-        replicated += sum(b.numel() * b.element_size() for b in model.buffers() if id(b) not in counted_buffers)
+        layout_buffers = {id(b) for m in model.modules() if isinstance(m, SparseEFCN) for b in m.buffers(recurse=False)}
+        replicated += sum(b.numel() * b.element_size() for b in model.buffers() if id(b) not in layout_buffers)
         plan = MemoryPlan(units, replicated, world_size or 1, optimizer, dtype, param_dtype)
     return Summary(rows, total, plan)
