@@ -199,16 +199,20 @@ def _summary(args) -> int:
 
 def _plan(args) -> int:
     from .models import get_model
+    from .protocol import RunError
     from .sharding import DTYPES
     from .summary import summary
 
     kw = dict(in_channels=args.in_channels, image_size=args.image_size, num_classes=args.num_classes)
     if args.width is not None:
         kw["width"] = args.width
-    model = get_model(args.model, **kw)
-    s = summary(model, (args.in_channels, args.image_size, args.image_size), halo=args.halo,
-                world_size=args.world_size, optimizer=None if args.optimizer == "none" else args.optimizer,
-                dtype=DTYPES[args.dtype], param_dtype=DTYPES[args.param_dtype] if args.param_dtype else None)
+    try:
+        model = get_model(args.model, **kw)
+        s = summary(model, (args.in_channels, args.image_size, args.image_size), halo=args.halo,
+                    world_size=args.world_size, optimizer=None if args.optimizer == "none" else args.optimizer,
+                    dtype=DTYPES[args.dtype], param_dtype=DTYPES[args.param_dtype] if args.param_dtype else None)
+    except (ValueError, KeyError) as e:
+        raise RunError(f"{args.model}: {e}") from e
     print(s if args.layers else s.plan)
     if args.device_memory is not None:
         need = s.plan.needed_world_size(int(args.device_memory * 2**30))

@@ -509,6 +509,8 @@ class _Run:
     def layer_sharder(self) -> Optional[Callable[[nn.Module], object]]:
         """When sharding: each eFCN layer is sharded as soon as it is built (one whole layer at a time)."""
         if not (self.cfg.fsdp and self.dist.enabled):
+            if self.cfg.param_dtype is not None:
+                warnings.warn("--param-dtype applies to sharded layers: one process computes in the stored dtype")
             return None
         return lambda layer: S.shard_layer(layer, param_dtype=self.cfg.param_dtype)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from efcn_sparse import ConvGeometry, SparseEFCN, embed, sharding, summary
+from efcn_sparse import ConvGeometry, SparseEFCN, embed, get_model, sharding, summary
 from efcn_sparse import training as T
 from efcn_sparse.protocol import RunError, load_run, relax
 
@@ -84,8 +84,11 @@ def test_two_ranks_train_like_one_and_checkpoints_move_across_world_sizes(tmp_pa
         if isinstance(v, torch.Tensor):
             assert torch.equal(v, back[k]), k
 
-    # offline export: one state_dict file, loadable into the unsharded model
-    sharding.export_checkpoint(os.path.join(out, "ckpt"), os.path.join(out, "model.pt"))
+    # offline export (efcn export): one state_dict file, loadable into the unsharded model
+    from efcn_sparse.cli import main
+
+    assert main(["export", os.path.join(out, "ckpt"), "-o", os.path.join(out, "model.pt")]) == 0
+    assert main(["export", os.path.join(out, "nothing"), "-o", os.path.join(out, "x.pt")]) == 2
     exported = T.load_checkpoint(os.path.join(out, "model.pt"))
     assert exported["meta"]["epoch"] == 1
     fresh = W.model()
@@ -145,6 +148,27 @@ def test_relax_refuses_a_plan_that_cannot_fit(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("EFCN_DEVICE_MEMORY_GIB", "40")  # a float32 layer of 16 GiB, 3 in flight: no world size helps
     assert main(args + ["--fsdp"]) == 2
     assert "FSDP cannot split a layer" in capsys.readouterr().err
+
+
+def test_cli_plan_prints_the_plan_and_the_ranks_needed(capsys):
+    from efcn_sparse.cli import main
+
+    args = ["plan", "--model", "skinny", "--width", "8", "--in-channels", "1", "--image-size", "28", "--halo", "full",
+            "--world-size", "2", "--optimizer", "adam"]
+    cnn = get_model("skinny", width=8, in_channels=1, image_size=28)
+    plan = summary(cnn, (1, 28, 28), halo="full", world_size=2, optimizer="adam", dtype=torch.float32).plan
+    floor = min(plan.at(n)["peak_bytes"] for n in range(1, 65))
+    gib = f"{(floor + plan.at(1)['peak_bytes']) / 2 / 2**30:.6f}"  # fits some world size > 1, not 1
+    need = plan.needed_world_size(int(float(gib) * 2**30))
+    assert need is not None and need > 1
+    assert main(args + ["--device-memory", gib]) == 0
+    out = capsys.readouterr().out
+    assert str(plan) in out and out.count("\n") == 2
+    assert f"ranks needed with {float(gib):g} GiB each: {need}" in out
+    assert main(args + ["--layers"]) == 0
+    assert "dense eFCN" in capsys.readouterr().out
+    assert main(args[:-8] + ["--image-size", "4"]) == 2
+    assert "too small" in capsys.readouterr().err
 
 
 def test_param_dtype_needs_fsdp(tmp_path):
