@@ -645,7 +645,9 @@ def relax(config: Optional[RelaxConfig] = None, out: str = "runs/relax", resume:
         run = _Run(cfg, out, info, quiet, model_fn)
         run.load_data()
         cnn = run.new_cnn()  # a bad model fails here, before anything is written
-        try:  # and a model that cannot fit the device (or a layer FSDP cannot split)
+        try:  # and a model that cannot fit the device (or a layer FSDP cannot split), or no FSDP2 here
+            if cfg.fsdp:
+                S.mixed_precision(cfg.param_dtype)
             S.check_plan(cnn, run.data_info.input_shape, cfg.halo, info.world, cfg.fsdp,
                          {"sgd": "sgd" if cfg.momentum > 0 else None, "adam": "adam"}[cfg.optimizer],
                          param_dtype=S.DTYPES.get(cfg.param_dtype), block_shape=cfg.block_shape, device=info.device)

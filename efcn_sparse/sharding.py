@@ -78,6 +78,14 @@ def _dcp():
     return dcp, dsd
 
 
+def _checkpoint_exception():
+    try:
+        from torch.distributed.checkpoint.api import CheckpointException
+    except ImportError:
+        return Exception
+    return CheckpointException
+
+
 def is_sharded(model: nn.Module) -> bool:
     """Whether ``model`` (or a sub-module) is managed by FSDP2."""
     if not fsdp_available():
@@ -345,7 +353,7 @@ def load_checkpoint(path: str, model: nn.Module, optimizer=None) -> Optional[dic
     try:
         with _single_process_quiet(world):
             dcp.load(state, checkpoint_id=p, no_dist=world == 1)
-    except Exception as e:
+    except (Exception, _checkpoint_exception()) as e:  # DCP's error is a BaseException
         raise RuntimeError(f"sharded checkpoint {p} cannot be loaded ({type(e).__name__}: {e}); it is corrupt or "
                            "belongs to another model: delete it (the arm restarts) or use --force") from e
     opts = dsd.StateDictOptions()

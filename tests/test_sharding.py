@@ -299,3 +299,33 @@ def test_multinode_examples_use_real_options():
     groups = [re.search(rf"^{g}=(\S+)$", batch, re.M).group(1) for g in ("A", "B")]
     times = sorted(int(t) for g in groups for t in g.split(","))
     assert times == relax_grid(100, 12)
+
+
+def test_sharded_checkpoint_swap_survives_a_crash_at_any_point(tmp_path):
+    """One process (no process group): the temporary directory and the rename keep a good checkpoint."""
+    torch.manual_seed(0)
+    net = embed(_cnn(), (3, 8, 8), halo=1)
+    path = str(tmp_path / "arm.dcp")
+    assert sharding.checkpoint_meta(path) is None and sharding.load_checkpoint(path, net) is None
+    sharding.save_checkpoint(path, net, None, {"epoch": 1})
+    first = {k: v.clone() for k, v in net.state_dict().items() if isinstance(v, torch.Tensor)}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    # a crash while writing: a torn temporary directory is never read, and the next save clears it
+    os.makedirs(path + ".tmp")
+    open(os.path.join(path + ".tmp", "__0_0.distcp"), "wb").write(b"torn")
+    assert sharding.checkpoint_meta(path)["epoch"] == 1
+    # a crash between the two renames: only path.old is left, and it is the last good checkpoint
+    os.rename(path, path + ".old")
+    fresh = embed(_cnn(), (3, 8, 8), halo=1)
+    assert sharding.load_checkpoint(path, fresh)["epoch"] == 1
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in first.items())
+    sharding.save_checkpoint(path, net, None, {"epoch": 2})
+    assert sorted(os.listdir(tmp_path)) == ["arm.dcp"]
+    assert sharding.load_checkpoint(path, fresh)["epoch"] == 2
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in net.state_dict().items() if isinstance(v, torch.Tensor))
+    # a checkpoint of another model is refused clearly
+    other = embed(_cnn(), (3, 8, 8), halo=0)
+    with pytest.raises(RuntimeError, match="cannot be loaded"):
+        sharding.load_checkpoint(path, other)
