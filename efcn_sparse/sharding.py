@@ -33,9 +33,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .module import SparseEFCN
+from .training import _fsync_dir
 
-__all__ = ["shard", "shard_layer", "is_sharded", "ShardingError", "fsdp_available", "mixed_precision", "save_checkpoint",
-           "load_checkpoint", "checkpoint_meta", "full_state_dict", "export_checkpoint", "unsharded_cnn",
+__all__ = ["shard", "shard_layer", "is_sharded", "ShardingError", "fsdp_available", "mixed_precision",
+           "save_checkpoint", "load_checkpoint", "checkpoint_meta", "full_state_dict", "export_checkpoint", "unsharded_cnn",
            "device_capacity", "check_plan"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -255,17 +256,6 @@ def _single_process_quiet(world: int):
         yield
 
 
-def _fsync_tree(path: str) -> None:
-    for root, _, files in os.walk(path):
-        for name in files + ["."]:
-            with contextlib.suppress(OSError):
-                fd = os.open(os.path.join(root, name), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-
-
 def _recover(path: str) -> None:
     """Rank 0: finish or undo a swap a crash interrupted (``path.old`` is the previous good one)."""
     old, tmp = path + ".old", path + ".tmp"
@@ -308,17 +298,19 @@ def save_checkpoint(path: str, model: nn.Module, optimizer=None, meta: Optional[
     state = _state(model, optimizer, dsd)
     with _single_process_quiet(world):
         dcp.save(state, checkpoint_id=tmp, no_dist=world == 1)
-    if rank == 0:
+    if rank == 0:  # DCP fsyncs the shards it writes; the meta file and the folders are synced here
         with open(os.path.join(tmp, _META), "w") as f:
             json.dump(dict(meta or {}, world_size=world), f)
-        _fsync_tree(tmp)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
     _barrier()  # every rank's shard is on disk
     if rank == 0:
         old = path + ".old"
         if os.path.isdir(path):
             os.rename(path, old)
         os.rename(tmp, path)
-        _fsync_tree(os.path.dirname(path))
+        _fsync_dir(os.path.dirname(path))
         if os.path.isdir(old):
             shutil.rmtree(old)
     _barrier()

@@ -324,7 +324,8 @@ def test_sharded_checkpoint_swap_survives_a_crash_at_any_point(tmp_path):
     sharding.save_checkpoint(path, net, None, {"epoch": 2})
     assert sorted(os.listdir(tmp_path)) == ["arm.dcp"]
     assert sharding.load_checkpoint(path, fresh)["epoch"] == 2
-    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in net.state_dict().items() if isinstance(v, torch.Tensor))
+    now = fresh.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in net.state_dict().items() if isinstance(v, torch.Tensor))
     # a checkpoint of another model is refused clearly
     other = embed(_cnn(), (3, 8, 8), halo=0)
     with pytest.raises(RuntimeError, match="cannot be loaded"):
