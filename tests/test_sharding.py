@@ -271,34 +271,53 @@ def test_shard_needs_a_process_group_and_efcn_layers():
         sharding.mixed_precision("bfloat17")
 
 
-def test_multinode_examples_use_real_options():
-    """examples/multinode_relax.sh and slurm_relax.sbatch: valid bash, torchrun and relax options that
-    exist, and relax-time groups that together are the authors' grid."""
+def test_multinode_examples_launch_what_they_say(tmp_path):
+    """examples/slurm_relax.sbatch -> multinode_relax.sh -> torchrun, run with srun, scontrol and
+    python stubbed: the launch line parses with torchrun's and efcn relax's own parsers, each array
+    task gets its seed and relax times, and the groups together are the authors' grid."""
     import argparse
-    import re
+    import shlex
+    import stat
 
     from torch.distributed.run import get_args_parser
 
     from efcn_sparse import cli
     from efcn_sparse.protocol import relax_grid
 
-    ex = os.path.join(ROOT, "examples")
-    for name in ("multinode_relax.sh", "slurm_relax.sbatch"):
-        assert subprocess.run(["bash", "-n", os.path.join(ex, name)]).returncode == 0, name
-    text = open(os.path.join(ex, "multinode_relax.sh")).read()
-    launch = text[text.index("torch.distributed.run"):text.index("-m efcn_sparse relax")]
-    run_opts = text[text.index("-m efcn_sparse relax"):]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stubs = {"srun": '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n',
+             "scontrol": "#!/bin/bash\nprintf 'node007\\nnode008\\n'\n",
+             "fakepython": '#!/bin/bash\nprintf "%q " "$@" > "$LAUNCH_LOG"\n'}
+    for name, text in stubs.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(stat.S_IRWXU)
     sub = argparse.ArgumentParser().add_subparsers()
     cli._add_relax(sub)
-    known_relax = set(sub.choices["relax"]._option_string_actions)
-    known_torchrun = set(get_args_parser()._option_string_actions)
-    for flags, known in ((launch, known_torchrun), (run_opts, known_relax)):
-        used = set(re.findall(r"(--[a-z][a-z_-]*)", flags))
-        assert used and used <= known, used - known
-    batch = open(os.path.join(ex, "slurm_relax.sbatch")).read()
-    groups = [re.search(rf"^{g}=(\S+)$", batch, re.M).group(1) for g in ("A", "B")]
-    times = sorted(int(t) for g in groups for t in g.split(","))
-    assert times == relax_grid(100, 12)
+    relax_parser = sub.choices["relax"]
+    times, fcn_jobs = {}, []
+    for task in range(6):
+        log = tmp_path / f"launch{task}"
+        env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_ARRAY_TASK_ID=str(task),
+                   SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="node[007-008]", PYTHON=str(bin_dir / "fakepython"),
+                   LAUNCH_LOG=str(log))
+        p = subprocess.run(["bash", os.path.join("examples", "slurm_relax.sbatch")], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        argv = shlex.split(log.read_text())
+        assert argv[:2] == ["-m", "torch.distributed.run"]
+        split = argv.index("efcn_sparse")
+        launch = get_args_parser().parse_args(argv[2:split - 1] + ["x"])
+        assert (launch.nnodes, launch.nproc_per_node, launch.rdzv_endpoint) == ("2", "8", "node007:29500")
+        assert argv[split + 1] == "relax"
+        args = relax_parser.parse_args(argv[split + 2:])
+        assert args.fsdp and args.resume and args.param_dtype == "bfloat16"
+        assert args.out.endswith(f"cifar-s{args.seed}-{'ab'[task % 2]}") and launch.rdzv_id == os.path.basename(args.out)
+        times.setdefault(args.seed, []).extend(args.relax_times)
+        if args.fcn:
+            fcn_jobs.append(args.seed)
+    assert {s: sorted(t) for s, t in times.items()} == {s: relax_grid(100, 12) for s in (0, 1, 2)}
+    assert sorted(fcn_jobs) == [0, 1, 2]  # the FCN baseline once per seed
 
 
 def test_sharded_checkpoint_swap_survives_a_crash_at_any_point(tmp_path):
