@@ -231,8 +231,21 @@ def shard(model: nn.Module, mesh=None, mp_policy=None, param_dtype=None, reduce_
             shard_layer(m, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
     if model in [m for _, m in layers]:
         model.register_forward_hook(_own_output)
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        if device.type == "cuda":  # batch statistics over the global batch, as DDP does (training.wrap_ddp)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model.register_forward_pre_hook(_broadcast_norm_buffers)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
     return model
+
+
+def _broadcast_norm_buffers(module, args) -> None:
+    """Rank 0's BatchNorm running statistics to every rank before each forward (what DDP's
+    ``broadcast_buffers`` does): evaluation and checkpoints then see one set of statistics."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            for b in m.buffers(recurse=False):
+                dist.broadcast(b, src=0)
 
 
 # ---------------------------------------------------------------------------------------- checkpoints

@@ -119,6 +119,17 @@ def train(out):
     with torch.no_grad():
         want = model()(x[:4])
     assert out_mp.dtype == torch.bfloat16 and (out_mp.float() - want).abs().max() < 0.05 * want.abs().max()
+
+    # BatchNorm: every rank normalises its own examples; rank 0's running statistics reach every rank
+    torch.manual_seed(0)
+    bn = sharding.shard(embed(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                            nn.Flatten(), nn.Linear(16 * 64, 5)), (3, 8, 8)))
+    bn(x[info.rank * 5:(info.rank + 1) * 5]).sum().backward()  # other examples on each rank
+    bn.eval()
+    bn(x[:2])
+    stats = [None, None]
+    dist.all_gather_object(stats, [b.clone() for b in bn[1].buffers()])
+    assert all(torch.equal(a, b) for a, b in zip(*stats)) and stats[0][0].abs().sum() > 0
     T.cleanup_distributed(info)
 
 
