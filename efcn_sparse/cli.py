@@ -151,7 +151,8 @@ def _add_relax(sub) -> None:
                    help="CPU threads per process (default: torch's; 1 avoids oversubscription on a busy machine)")
     g.add_argument("--fsdp", action="store_true",
                    help="shard the eFCN layers across the torchrun ranks (FSDP2) for models past one device; "
-                        "checkpoints become sharded directories (torch.distributed.checkpoint)")
+                        "checkpoints become sharded directories (torch.distributed.checkpoint) that --resume "
+                        "loads with any number of ranks (one process: unsharded)")
     g.add_argument("--param-dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="with --fsdp: the dtype layers are gathered and computed in (mixed precision)")
     g.add_argument("--out", "-o", default="runs/relax", help="run directory")
