@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from . import sharding as S
 from . import training as T
 from .data import DataInfo, load_data
 
@@ -83,6 +84,8 @@ class RelaxConfig:
     device: str = "auto"
     backend: Optional[str] = None
     threads: Optional[int] = None  # torch CPU threads (None: torch's default)
+    fsdp: bool = False  # FCN-space arms sharded by FSDP2 (efcn_sparse.sharding), checkpoints through DCP
+    param_dtype: Optional[str] = None  # with fsdp: the dtype layers are gathered and computed in
 
     def validate(self) -> "RelaxConfig":
         from .backends import CHOICES
@@ -138,6 +141,11 @@ class RelaxConfig:
                 bad(f"--{name.replace('_', '-')} must be >= 1, got {v}")
         if self.backend is not None and self.backend not in CHOICES:
             bad(f"--backend must be one of {', '.join(CHOICES)}, got {self.backend!r}")
+        from .sharding import DTYPES
+
+        if self.param_dtype is not None and (not self.fsdp or self.param_dtype not in DTYPES):
+            bad(f"--param-dtype needs --fsdp and one of {', '.join(DTYPES)}, got {self.param_dtype!r}"
+                + ("" if self.fsdp else " without --fsdp"))
         return self
 
     def resolved_relax_times(self) -> List[int]:
@@ -172,7 +180,7 @@ class RelaxConfig:
 # may differ between a run and its resumption (they do not change the numbers, or only by rounding)
 _NOT_COMPARED = {"device", "backend", "data_dir", "download", "eval_batch_size", "threads"}
 # may differ between runs that are merged
-_MERGE_FREE = _NOT_COMPARED | {"relax_times", "n_relax", "fcn"}
+_MERGE_FREE = _NOT_COMPARED | {"relax_times", "n_relax", "fcn", "fsdp"}
 
 
 def relax_grid(epochs: int, n: int = 8) -> List[int]:
@@ -376,18 +384,22 @@ class _Run:
         from .embedding import embed
 
         c = self.cfg
-        return embed(cnn, self.data_info.input_shape, halo=c.halo, block_shape=c.block_shape, backend=c.backend)
+        return embed(cnn, self.data_info.input_shape, halo=c.halo, block_shape=c.block_shape, backend=c.backend,
+                     finish_layer=self.layer_sharder())
 
     def fresh_fcn(self) -> nn.Module:
         from .embedding import fcn_like
 
         c = self.cfg
         return fcn_like(self.new_cnn(), self.data_info.input_shape, halo=c.halo, block_shape=c.block_shape,
-                        backend=c.backend, seed=T.epoch_seed(c.seed, "fcn", -1))
+                        backend=c.backend, seed=T.epoch_seed(c.seed, "fcn", -1), finish_layer=self.layer_sharder())
 
     # ---------------------------------------------------------------- bookkeeping
     def ckpt(self, name: str) -> str:
         return os.path.join(self.ckpt_dir, f"{name}.pt")
+
+    def sharded_ckpt(self, name: str) -> str:
+        return os.path.join(self.ckpt_dir, f"{name}.dcp")
 
     def save(self, obj, name: str) -> None:
         if self.dist.is_main:
@@ -410,6 +422,8 @@ class _Run:
         for arm in {r["arm"] for r in rows}:
             p = self.ckpt(arm)
             done_epochs[arm] = T.load_checkpoint(p)["epoch"] if os.path.exists(p) else -1
+            if self.cfg.fsdp and arm != "cnn":
+                done_epochs[arm] = (S.checkpoint_meta(self.sharded_ckpt(arm)) or {"epoch": -1})["epoch"]
         self.rows = [r for r in rows if r["epochs_trained"] <= done_epochs[r["arm"]]]
         if self.dist.is_main:
             _write_metrics(self.out, self.rows)
@@ -426,11 +440,11 @@ class _Run:
                "train_loss": train["loss"], "train_acc": train["acc"], "test_loss": test["loss"],
                "test_acc": test["acc"]}
         if kind != "cnn":
-            from .subspace import deviation, to_cnn
+            from .subspace import deviation
 
             dev = deviation(model)
             tot = dev["total"]
-            proj = T.evaluate(to_cnn(model), self.xte, self.yte, c.eval_batch_size, d)
+            proj = T.evaluate(self.to_cnn(model), self.xte, self.yte, c.eval_batch_size, d)
             row.update(proj_test_loss=proj["loss"], proj_test_acc=proj["acc"], deviation=tot["deviation"],
                        offlocal_ratio=tot["offlocal_ratio"], sharing_deviation=tot["sharing_deviation"],
                        bias_deviation=tot["bias_deviation"], weight_norm=tot["weight_norm"],
@@ -445,16 +459,13 @@ class _Run:
                 snapshots: Sequence[int] = ()) -> None:
         c, d = self.cfg, self.dist
         d.barrier()
-        model = make()
+        model = self.prepare(make(), kind)
         opt = T.make_optimizer(model.parameters(), c.optimizer, c.lr, c.momentum, c.weight_decay)
         start = 0
-        path = self.ckpt(arm)
-        if os.path.exists(path):
-            state = T.load_checkpoint(path, map_location=d.device)
-            model.load_state_dict(state["model"])
+        state = self.load_arm(arm, kind, model, opt)
+        if state is not None:
             if state["done"]:
                 return
-            opt.load_state_dict(state["optimizer"])
             start = state["epoch"]
         else:
             T.reset_peak_memory(d.device)
@@ -464,7 +475,7 @@ class _Run:
             self.save_arm(arm, model, opt, 0, n_epochs == 0)
         if start >= n_epochs:
             return
-        net = T.wrap_ddp(model, d)
+        net = model if S.is_sharded(model) else T.wrap_ddp(model, d)
         bar = self.rep.bar(n_epochs, arm, initial=start)
         for k in range(start + 1, n_epochs + 1):
             T.reset_peak_memory(d.device)
@@ -486,10 +497,53 @@ class _Run:
             bar.close()
 
     def save_arm(self, arm: str, model: nn.Module, opt, epoch: int, done: bool) -> None:
+        if self.cfg.fsdp and arm != "cnn":  # every rank writes its shard
+            S.save_checkpoint(self.sharded_ckpt(arm), model, None if done else opt, {"epoch": epoch, "done": done})
+            return
         state = {"model": model.state_dict(), "epoch": epoch, "done": done}
         if not done:
             state["optimizer"] = opt.state_dict()
         self.save(state, arm)
+
+    # ---------------------------------------------------------------- sharding (cfg.fsdp: FCN-space arms)
+    def layer_sharder(self) -> Optional[Callable[[nn.Module], object]]:
+        """When sharding: each eFCN layer is sharded as soon as it is built (one whole layer at a time)."""
+        if not (self.cfg.fsdp and self.dist.enabled):
+            if self.cfg.param_dtype is not None:
+                warnings.warn("--param-dtype applies to sharded layers: one process computes in the stored dtype")
+            return None
+        return lambda layer: S.shard_layer(layer, param_dtype=self.cfg.param_dtype)
+
+    def prepare(self, model: nn.Module, kind: str) -> nn.Module:
+        """FSDP2 over the root too when sharding (the CNN arm stays replicated: it is small)."""
+        if not (self.cfg.fsdp and kind != "cnn" and self.dist.enabled):
+            return model
+        return S.shard(model, param_dtype=self.cfg.param_dtype)
+
+    def load_arm(self, arm: str, kind: str, model: nn.Module, opt) -> Optional[dict]:
+        """Load the arm's checkpoint into model and optimizer: its {"epoch", "done"}, None when none."""
+        if self.cfg.fsdp and kind != "cnn":
+            path = self.sharded_ckpt(arm)
+            meta = S.checkpoint_meta(path)
+            if meta is None:
+                return None
+            return S.load_checkpoint(path, model, None if meta["done"] else opt)
+        path = self.ckpt(arm)
+        if not os.path.exists(path):
+            return None
+        state = T.load_checkpoint(path, map_location=self.dist.device)
+        model.load_state_dict(state["model"])
+        if not state["done"]:
+            opt.load_state_dict(state["optimizer"])
+        return state
+
+    def to_cnn(self, model: nn.Module) -> nn.Module:
+        from .subspace import to_cnn
+
+        if not S.is_sharded(model):
+            return to_cnn(model)
+        with torch.random.fork_rng(devices=[self.dist.device] if self.dist.device.type == "cuda" else []):
+            return S.unsharded_cnn(model, self.new_cnn())
 
     # ---------------------------------------------------------------- the protocol
     def run(self) -> None:
@@ -590,7 +644,15 @@ def relax(config: Optional[RelaxConfig] = None, out: str = "runs/relax", resume:
                 raise RunError(str(e)) from e
         run = _Run(cfg, out, info, quiet, model_fn)
         run.load_data()
-        run.new_cnn()  # a bad model fails here, before anything is written
+        cnn = run.new_cnn()  # a bad model fails here, before anything is written
+        try:  # and a model that cannot fit the device (or a layer FSDP cannot split), or no FSDP2 here
+            if cfg.fsdp:
+                S.mixed_precision(cfg.param_dtype)
+            S.check_plan(cnn, run.data_info.input_shape, cfg.halo, info.world, cfg.fsdp,
+                         {"sgd": "sgd" if cfg.momentum > 0 else None, "adam": "adam"}[cfg.optimizer],
+                         param_dtype=S.DTYPES.get(cfg.param_dtype), block_shape=cfg.block_shape, device=info.device)
+        except (MemoryError, S.ShardingError) as e:
+            raise RunError(str(e)) from e
         if info.is_main:
             if force:
                 _clear_artifacts(out)
