@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import efcn_sparse
-from conftest import assert_close_rel
+from conftest import assert_close_rel, path_missing, require_or_skip
 from efcn_sparse import BSRLayout, _extension, backends, ops
 from efcn_sparse.kernels import reference as ref
 
@@ -181,15 +181,12 @@ def test_tune_records_the_fastest_per_op(table_dir):
 @pytest.fixture(scope="module")
 def emu():
     """torch.ops.efcn_sparse_emu: the CUDA kernels built for the CPU emulator."""
-    if os.environ.get("EFCN_SKIP_CUDA_EMULATION") == "1":
-        pytest.skip("EFCN_SKIP_CUDA_EMULATION=1")
+    missing = path_missing("cuda-emulator")
+    if missing:
+        require_or_skip("cuda-emulator", missing)
     cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
-    if not (Path(cuda_home) / "include" / "cuda_runtime_api.h").exists():
-        pytest.skip(f"no CUDA headers under {cuda_home} (the emulator takes dim3/uint4 from them)")
     venv_bin = os.path.dirname(sys.executable)
     if shutil.which("ninja") is None:  # pytest run as .venv/bin/python without the venv on PATH
-        if shutil.which("ninja", path=venv_bin) is None:
-            pytest.skip("ninja not found")
         os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
     from torch.utils.cpp_extension import load
 
