@@ -103,3 +103,29 @@ def assert_close_rel(actual, expected, rel, what=""):
 def _seed():
     torch.manual_seed(int(os.environ.get("EFCN_TEST_SEED", "1234")))
     yield
+
+
+# The backends that run CPU tensors, and the optional path each needs.
+CPU_BACKENDS = {"reference": None, "cpu": "cpu-ext", "triton": "triton"}
+
+
+@pytest.fixture(params=list(CPU_BACKENDS))
+def cpu_backend(request):
+    """Each backend that runs CPU tensors (skipped, or failed under EFCN_REQUIRE, where it cannot)."""
+    from efcn_sparse import backends
+
+    name = request.param
+    reason = backends.unavailable_reason(name, "cpu")
+    if reason is not None:
+        require_or_skip(CPU_BACKENDS[name], f"backend {name!r} unavailable: {reason}")
+    return name
+
+
+def poison_one_sample(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with every feature of sample 0 set to +inf, so every product dy[0, r] * x[0, c] is
+    non-finite, at masked entries too: a kernel that masks grad_weight by multiplying (NaN * 0 is
+    NaN) instead of selecting leaks NaN there."""
+    x = x.clone()
+    x[0] = float("inf")
+    return x
+

@@ -5,7 +5,7 @@ import io
 import pytest
 import torch
 import torch.nn as nn
-from conftest import assert_close_rel
+from conftest import assert_close_rel, poison_one_sample
 from test_layout import random_layout
 
 from efcn_sparse import BSRLayout, SparseEFCN
@@ -36,6 +36,20 @@ def test_structural_zeros_stay_zero_under_optimizers(make_opt):
         opt.step()
     assert (m.values.detach()[~mask] == 0).all()
     assert not torch.equal(m.values.detach()[mask], before[mask])
+
+
+def test_non_finite_input_leaves_structural_zeros_exactly_zero(cpu_backend):
+    """One sample of +inf: the unmasked gradients are non-finite, the masked ones exactly 0, and
+    an SGD step keeps the masked values exactly 0, on every CPU backend."""
+    m = SparseEFCN.from_conv(nn.Conv2d(6, 32, 3, padding=1, groups=2), (5, 5), halo=1, backend=cpu_backend)
+    mask = m.layout.block_mask()
+    assert (~mask).any()
+    x = poison_one_sample(torch.randn(3, 6, 5, 5))
+    m(x).sum().backward()
+    assert not torch.isfinite(m.values.grad[mask]).all()
+    assert (m.values.grad[~mask] == 0).all(), f"{cpu_backend}: NaN/inf leaked into masked gradient entries"
+    torch.optim.SGD(m.parameters(), lr=0.1).step()
+    assert (m.values.detach()[~mask] == 0).all()
 
 
 def test_state_dict_round_trips_into_a_fresh_layer():

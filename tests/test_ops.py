@@ -3,6 +3,8 @@
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from conftest import poison_one_sample
 from test_layout import random_layout
 
 import efcn_sparse
@@ -27,6 +29,8 @@ def test_reference_ops_match_dense_products(masked):
     dw = ops.bsr_grad_weight(dy, x, lay.row_idx, lay.col_idx, lay.mask_ids, lay.mask_patterns, 8, 8, "reference")
     support = lay.to_dense(torch.ones_like(vals)) != 0
     torch.testing.assert_close(lay.to_dense(dw), (dy.T @ x) * support)
+    # to_dense re-applies the mask: the raw gradient must itself be zero at masked entries
+    assert (dw[~lay.block_mask()] == 0).all()
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -61,6 +65,22 @@ def test_masked_entries_get_exactly_zero_gradient():
     ops.linear(x, lay, v, backend="reference").square().sum().backward()
     assert (v.grad[~lay.block_mask()] == 0).all()
     assert (v.grad[lay.block_mask()] != 0).any()
+
+
+def test_masked_grad_weight_is_zero_even_for_non_finite_products(cpu_backend):
+    """Masked entries of dW are exactly 0 even where dy^T x is inf or NaN there (multiplying by
+    the mask would leave NaN), through the op and through autograd, on every CPU backend."""
+    lay, vals, _ = random_layout(M=40, N=56, block=(16, 16), masked=True, dtype=torch.float32)
+    mask = lay.block_mask()
+    assert (~mask).any()
+    x = poison_one_sample(torch.randn(3, 56))
+    dy = torch.randn(3, 40)
+    dw = ops.bsr_grad_weight(dy, x, lay.row_idx, lay.col_idx, lay.mask_ids, lay.mask_patterns, 16, 16, cpu_backend)
+    assert not torch.isfinite(dw[mask]).any(), "the poisoned sample must reach every stored entry"
+    assert (dw[~mask] == 0).all(), f"{cpu_backend}: masked entries of grad_weight are not exactly zero"
+    v = vals.clone().requires_grad_(True)
+    ops.linear(x, lay, v, backend=cpu_backend).backward(dy)
+    assert (v.grad[~mask] == 0).all(), f"{cpu_backend}: masked entries of values.grad are not exactly zero"
 
 
 def test_torch_compile_fullgraph_matches_eager():
