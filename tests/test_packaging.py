@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from test_cli import demo_errors
 
 
 def _run(code, **env):
@@ -32,7 +33,8 @@ def test_cli_demo_prints_equivalence_and_memory():
     r = subprocess.run([sys.executable, "-m", "efcn_sparse", "demo", "--channels", "8", "--size", "6"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "rel. error" in r.stdout and "full" in r.stdout
+    errors = demo_errors(r.stdout)
+    assert all(e < 1e-5 for e in errors.values()), errors
 
 
 # A finder that makes one module of ours fail to import as a planted bug would (a typo such as
