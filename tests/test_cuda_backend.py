@@ -153,7 +153,7 @@ def table_dir(tmp_path, monkeypatch):
 
 def test_auto_follows_a_measured_table(table_dir, monkeypatch):
     if backends.unavailable_reason("cpu", "cpu") is not None:
-        pytest.skip("needs the cpu backend beside the reference")
+        require_or_skip("cpu-ext", "needs the cpu backend beside the reference")
     shape = dict(dtype=torch.float32, batch=5, block_shape=(8, 8))
     backends.record_measured_choice("cpu", "forward", backend="reference", **shape)
     assert Path(backends.measured_table_path("cpu")).parent == table_dir
