@@ -4,6 +4,7 @@ check that the tests fail. Not part of ``make test`` (a few minutes); see TESTIN
     python tests/mutations.py              # every mutant, each against the test files that guard it
     python tests/mutations.py NAME ...     # some of them (names: --list)
     python tests/mutations.py --full       # each mutant against the whole suite (tests benchmarks)
+    python tests/mutations.py --all NAME   # list every failing test, not only the first (no -x)
 
 First the unmutated copy must pass the same tests (else a failure proves nothing). A mutant is
 "caught" when pytest then exits with failures (1) or a collection error (2); "MISSED" when the
@@ -104,7 +105,7 @@ def apply(dest: Path, m: Mutant) -> str:
     return ""
 
 
-def run_tests(dest: Path, tests: List[str], env: Dict[str, str], log: Path) -> int:
+def run_tests(dest: Path, tests: List[str], env: Dict[str, str], log: Path, first_only: bool = True) -> int:
     full_env = {**os.environ, "EFCN_REQUIRE": os.environ.get("EFCN_REQUIRE", REQUIRE), "PYTHONDONTWRITEBYTECODE": "1",
                 "PYTHONPATH": os.pathsep.join([str(dest), os.environ.get("PYTHONPATH", "")]), **env}
     check = subprocess.run([sys.executable, "-c", "import efcn_sparse; print(efcn_sparse.__file__)"], cwd=dest,
@@ -112,7 +113,8 @@ def run_tests(dest: Path, tests: List[str], env: Dict[str, str], log: Path) -> i
     if not check.stdout.startswith(str(dest)):
         raise SystemExit(f"the copy is not the package imported: {check.stdout or check.stderr}")
     with open(log, "w") as f:
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests], cwd=dest,
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(["-x"] if first_only else []),
+                            *tests], cwd=dest,
                            env=full_env, stdout=f, stderr=subprocess.STDOUT)
     return r.returncode
 
@@ -123,6 +125,7 @@ def main(argv=None) -> int:
     p.add_argument("--full", action="store_true", help="run the whole suite (tests benchmarks) for each mutant")
     p.add_argument("--list", action="store_true", help="list the mutants and exit")
     p.add_argument("--keep", action="store_true", help="keep the temporary copies and logs")
+    p.add_argument("--all", action="store_true", help="run every test and list each failure (no -x)")
     args = p.parse_args(argv)
     if args.list:
         for m in MUTANTS:
@@ -154,10 +157,12 @@ def main(argv=None) -> int:
                 results[m.name] = f"stale ({stale})"
             else:
                 t0 = time.time()
-                rc = run_tests(dest, tests_of(m), m.env, work / f"{m.name}.log")
+                rc = run_tests(dest, tests_of(m), m.env, work / f"{m.name}.log", not args.all)
                 verdict = "caught" if rc in (1, 2) else ("MISSED" if rc == 0 else f"error (pytest exit {rc})")
-                tail = [ln for ln in (work / f"{m.name}.log").read_text().splitlines() if ln.startswith(("FAILED", "ERROR"))]
-                results[m.name] = f"{verdict} in {time.time() - t0:.0f}s" + (f": {tail[0]}" if tail else "")
+                failed = [ln.split(" - ")[0] for ln in (work / f"{m.name}.log").read_text().splitlines()
+                          if ln.startswith(("FAILED", "ERROR"))]
+                results[m.name] = f"{verdict} in {time.time() - t0:.0f}s" + (
+                    ("".join(f"\n    {f}" for f in failed) if args.all else f": {failed[0]}") if failed else "")
             if not args.keep:
                 shutil.rmtree(dest, ignore_errors=True)
             print(f"{m.name:32s} {results[m.name]}", flush=True)
