@@ -1,6 +1,9 @@
 """The optional paths CI requires (``EFCN_REQUIRE``, set by ``make test``) are present here, and
 the mechanism turns a missing required path into a failure instead of a skip."""
 
+import importlib.util
+from types import SimpleNamespace
+
 import pytest
 from conftest import OPTIONAL_PATHS, path_missing, require_or_skip, required_paths
 
@@ -39,3 +42,8 @@ def test_presence_checks_see_a_missing_path(monkeypatch, tmp_path):
     tb = backends.kernels("triton")
     monkeypatch.setattr(tb, "triton", None)
     assert "triton could not be imported" in path_missing("triton")
+    if importlib.util.find_spec("triton.backends.nvidia") is not None:
+        from triton.backends.nvidia import compiler
+
+        monkeypatch.setattr(compiler, "get_ptxas", lambda *arch: SimpleNamespace(path=str(tmp_path / "no-ptxas")))
+        assert "no executable ptxas" in path_missing("triton-compiler")
