@@ -323,3 +323,31 @@ def test_gpu_autograd_through_ops_linear():
         assert_close_rel(got.grad, want.grad, 1e-5, f"grad {name}")
     assert backends.resolve("auto", "cuda", op="forward", dtype=torch.bfloat16, batch=256, block_shape=(64, 64)) in (
         "cuda", "triton")
+
+
+def _check_grad_weight_acc(acc, gw, lay, x, dy, what):
+    """acc(out, ...) adds dW into out (the kernel's epilogue) as out + gw(...) would, masked entries untouched."""
+    BR, BC = lay.block_shape
+    out = lay.apply_mask(torch.randn(lay.nnzb, BR, BC, dtype=torch.float64).to(dy.device, dy.dtype))
+    expected = out.cpu() + gw(dy, x, lay.row_idx, lay.col_idx, lay.mask_ids, lay.mask_patterns, BR, BC).cpu()
+    acc(out, dy, x, lay.row_idx, lay.col_idx, lay.mask_ids, lay.mask_patterns)
+    assert torch.equal(out.cpu(), expected), f"grad_weight_acc {what}"
+    assert (out.cpu()[~lay.to("cpu").block_mask()] == 0).all(), f"grad_weight_acc {what}: masked entries changed"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("block", [(16, 16), (64, 48), (24, 20)], ids=str)
+def test_emulated_grad_weight_accumulates_in_its_epilogue(emu, block, dtype):
+    lay, _, x, dy, _ = random_case(block, 3 * block[0] + 5, 4 * block[1] + 3, 9, dtype)
+    _check_grad_weight_acc(emu.bsr_grad_weight_acc, emu.bsr_grad_weight, lay, x, dy, f"{block} {dtype}")
+    with pytest.raises(RuntimeError, match="out must be a contiguous"):
+        emu.bsr_grad_weight_acc(torch.zeros(lay.nnzb + 1, *block, dtype=dtype), dy, x, lay.row_idx, lay.col_idx,
+                                lay.mask_ids, lay.mask_patterns)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_grad_weight_accumulates_in_its_epilogue(dtype):
+    k = _cuda_kernels()
+    lay, _, x, dy, _ = random_case((64, 48), 5 * 64 + 3, 6 * 48 + 1, 33, dtype, device="cuda")
+    _check_grad_weight_acc(k.grad_weight_acc, k.grad_weight, lay, x, dy, str(dtype))

@@ -183,3 +183,35 @@ def test_kernels_compile_for_sm90():
         if c["block_shape"] == [64, 64]:  # aligned shapes (the masked odd ones cannot be)
             assert c["cp_async_16B"] > 0, f"{what}: tile loads are not pipelined 16-byte copies: {c}"
 
+
+@pytest.mark.parametrize("block_shape,batch", [((24, 20), 5), ((16, 32), 70), ((64, 48), 3)])
+def test_float64_takes_the_fma_path_exactly(block_shape, batch):
+    """float64 never reaches tl.dot (its lowering differs by Triton release and GPU): rank-1
+    updates in float64, exact to 1e-12 against the reference, masked edges and partial tiles too."""
+    check_three_ops(*random_case(block_shape, batch, torch.float64), REL[torch.float64])
+
+
+def test_float64_kernels_compile_for_sm90_without_tensor_cores():
+    """The float64 path through the real compiler: it compiles for an H100/H200, spills nothing,
+    and holds no mma/wgmma instruction; the bfloat16 reference shapes do use the tensor cores."""
+    import json
+    import subprocess
+    import sys
+
+    missing = path_missing("triton-compiler")
+    if missing:
+        require_or_skip("triton-compiler", f"no Triton CUDA compiler here: {missing}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for args, has_mma in ((["90", "fp64"], False), (["90"], True)):
+        r = subprocess.run([sys.executable, "-m", "efcn_sparse.kernels.triton_aot", *args], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        cases = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+        assert len(cases) == 6
+        for c in cases:
+            what = f"{c['kind']} {c['dtype']} {c['block_shape']}"
+            assert c["ptxas_ok"] and c["spill_bytes"] == 0, f"{what}: {c}"
+            if c["dtype"] == "fp64":
+                assert c["mma"] == 0, f"{what}: float64 must not use tensor-core dots: {c}"
+            elif c["dtype"] == "bf16":
+                assert (c["mma"] > 0) == has_mma, f"{what}: bfloat16 tiles must run on the tensor cores: {c}"
