@@ -109,16 +109,20 @@ def _seed():
 CPU_BACKENDS = {"reference": None, "cpu": "cpu-ext", "triton": "triton"}
 
 
-@pytest.fixture(params=list(CPU_BACKENDS))
-def cpu_backend(request):
-    """Each backend that runs CPU tensors (skipped, or failed under EFCN_REQUIRE, where it cannot)."""
+def require_cpu_backend(name: str) -> str:
+    """``name`` when that backend runs CPU tensors here; else skip, or fail under EFCN_REQUIRE."""
     from efcn_sparse import backends
 
-    name = request.param
     reason = backends.unavailable_reason(name, "cpu")
     if reason is not None:
         require_or_skip(CPU_BACKENDS[name], f"backend {name!r} unavailable: {reason}")
     return name
+
+
+@pytest.fixture(params=list(CPU_BACKENDS))
+def cpu_backend(request):
+    """Each backend that runs CPU tensors (skipped, or failed under EFCN_REQUIRE, where it cannot)."""
+    return require_cpu_backend(request.param)
 
 
 def poison_one_sample(x: torch.Tensor) -> torch.Tensor:
