@@ -27,15 +27,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+# Only a failed ``import triton`` makes the backend unavailable (it then says why). An error in
+# our own kernel module is a bug: it propagates, so that it fails loudly instead of hiding as
+# "triton unavailable".
 try:
     import triton
-
-    from .triton_bsr_kernels import bsr_forward_kernel, bsr_grad_input_kernel, bsr_grad_weight_kernel
-
-    _IMPORT_ERROR: Optional[str] = None
-except Exception as e:  # no triton, or a broken install: the backend reports why it is unavailable
+except ImportError as e:
     triton = None
-    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+    _IMPORT_ERROR: Optional[str] = f"{type(e).__name__}: {e}"
+else:
+    _IMPORT_ERROR = None
+    from .triton_bsr_kernels import bsr_forward_kernel, bsr_grad_input_kernel, bsr_grad_weight_kernel
 
 __all__ = ["forward", "grad_input", "grad_weight", "grad_weight_acc", "unavailable_reason", "set_allow_tf32", "interpreted"]
 
