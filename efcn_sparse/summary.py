@@ -46,7 +46,7 @@ def _conv_counts(geo: ConvGeometry, halo: Halo, block_shape) -> dict:
     Cout, Cin, g = geo.out_channels, geo.in_channels, geo.groups
     cig = Cin // g
     M, N = geo.out_features, geo.in_features
-    BR, BC = block_shape if block_shape is not None else choose_block_shape(geo)
+    BR, BC = block_shape if block_shape is not None else choose_block_shape(geo, halo)
     nbr, nbc = _cdiv(M, BR), _cdiv(N, BC)
     P_out, P_in = geo.out_size[0] * geo.out_size[1], geo.input_size[0] * geo.input_size[1]
     if Cout % BR == 0 and Cin % BC == 0:  # pixel-aligned tiles: every support pair holds its in-group tiles

@@ -44,7 +44,7 @@ def few_channel_convs(draw):
                dilation=(draw(st.integers(1, 3)), draw(st.integers(1, 3))),
                padding=(draw(st.integers(0, 3)), draw(st.integers(0, 3))), padding_mode=draw(st.sampled_from(MODES)))
     size = (draw(st.integers(1, 10)), draw(st.integers(1, 10)))
-    return cfg, size, draw(st.sampled_from([0, 1, 2, 3]))
+    return cfg, size, draw(st.sampled_from([0, 1, 2, 3, "full"]))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
@@ -71,6 +71,14 @@ def test_input_layers_of_the_issue_store_exactly_their_support(name, conv, size,
     lay = build_layout(geo, halo)
     assert lay.block_shape == block and not lay.has_mask
     assert lay.nnzb * block[0] * block[1] == _useful(geo, halo)
+
+
+def test_full_halo_keeps_wide_tiles_where_they_waste_only_edges():
+    """halo="full" stores every pixel pair: wide tiles store nothing more (fewer, faster blocks)."""
+    lay = build_layout(ConvGeometry.from_conv(nn.Conv2d(1, 64, 4, stride=2), (32, 32)), "full")
+    assert lay.block_shape == (64, 16) and lay.nnzb * 64 * 16 == lay.shape[0] * lay.shape[1]
+    tiny = build_layout(ConvGeometry.from_conv(nn.Conv2d(3, 64, 3, padding=1), (2, 2)), "full")
+    assert tiny.block_shape == (64, 3)  # a 48-column tile would hold 4x the 12 input features
 
 
 def test_embedded_paper_cnn_stores_its_first_layer_tight():

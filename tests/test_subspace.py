@@ -82,7 +82,8 @@ def _reference_stats(m: SparseEFCN, E, dist):
 DENSE_CASES = [  # (conv, input size, halo, block shape)
     (lambda: nn.Conv2d(4, 6, 3, padding=1), (5, 4), "full", (3, 2)),  # pixel-aligned tiles
     (lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2), (5, 4), 1, (3, 2)),  # aligned, groups
-    (lambda: nn.Conv2d(3, 5, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(1, 2)), (6, 5), "full", None),  # spanning tiles
+    (lambda: nn.Conv2d(3, 5, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(1, 2)), (6, 5), "full", (80, 48)),  # spanning tiles
+    (lambda: nn.Conv2d(3, 5, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(1, 2)), (6, 5), 1, None),  # tight tiles
     (lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), (4, 5), 1, None),  # taps that coincide
     (lambda: nn.Conv2d(2, 4, 3, padding=1, padding_mode="circular", groups=2), (3, 2), "full", (2, 1)),  # wrap-around
     (lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="replicate"), (4, 4), 0, (4, 3)),
@@ -233,11 +234,12 @@ def test_deviation_and_projection_on_larger_layers_of_each_kind():
     """Cross-check the chunked paths (several chunks per layer) against the single-chunk result."""
     import efcn_sparse.subspace as S
 
-    convs = [(nn.Conv2d(16, 32, 3, padding=1), (6, 6), "full"),
-             (nn.Conv2d(3, 16, 3, padding=1, padding_mode="reflect"), (7, 6), 2),
-             (nn.Conv2d(16, 16, 3, padding=1, groups=16), (6, 6), 1)]
-    for conv, size, halo in convs:
-        m = SparseEFCN.from_conv(conv, size, halo=halo, backend=BACKEND)
+    convs = [(nn.Conv2d(16, 32, 3, padding=1), (6, 6), "full", None),
+             (nn.Conv2d(3, 16, 3, padding=1, padding_mode="reflect"), (7, 6), 2, None),  # tight few-channel tiles
+             (nn.Conv2d(3, 16, 3, padding=1, padding_mode="reflect"), (7, 6), 2, (16, 48)),  # tiles spanning pixels
+             (nn.Conv2d(16, 16, 3, padding=1, groups=16), (6, 6), 1, None)]
+    for conv, size, halo, block in convs:
+        m = SparseEFCN.from_conv(conv, size, halo=halo, block_shape=block, backend=BACKEND)
         _perturb(m)
         clear_cache()
         ref, pref = deviation(m), project(m).values
@@ -294,7 +296,7 @@ def test_interpolate_evaluates_the_path_and_output_averaging():
     a.eval()
     with torch.no_grad():
         want = nn.functional.cross_entropy(a(x), y).item()
-        acc = (a(x).argmax(1) == y).float().mean().item()
+        acc = (a(x).argmax(1) == y).double().mean().item()  # as interpolate counts: exact k / n
     assert math.isclose(res["loss"][0], want, rel_tol=1e-5) and math.isclose(res["accuracy"][0], acc)
     a.train(), b.train()
     out = interpolate(a, b, [0.25], loader, mode="output")
