@@ -165,3 +165,26 @@ def test_cpu_narrow_grad_weight_keeps_masked_entries_zero_under_nan():
                                             *lay.block_shape)
     assert (dw[~lay.block_mask()] == 0).all()
     assert torch.isnan(dw).any()  # and the NaN does reach the entries it should
+
+
+@pytest.mark.skipif(backends.unavailable_reason("cpu", "cpu") is not None, reason="cpu backend unavailable")
+@pytest.mark.parametrize("BR,BC", [(16, 16), (2, 3), (4, 1)], ids=str)
+def test_cpu_kernels_sum_duplicate_and_unsorted_blocks_like_the_reference(BR, BC):
+    """Index lists that are unsorted or repeat a block (trusted, not checked) are summed as the
+    reference does, without reaching past any buffer: a line holds more K entries than the
+    operand has features here (run under `make sanitize` for the bounds)."""
+    from efcn_sparse.kernels import reference as R
+
+    i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    M, N = 2 * BR, 2 * BC
+    # block row 0: columns 1, 0, 1, 1 (unsorted, repeated); block row 1: column 0
+    crow, col, row = i32([0, 4, 5]), i32([1, 0, 1, 1, 0]), i32([0, 0, 0, 0, 1])
+    # block column 0: rows 1, 0, 1 (unsorted, repeated); block column 1: rows 0, 0
+    ccol, t_row, t_perm = i32([0, 3, 5]), i32([1, 0, 1, 0, 0]), i32([4, 1, 4, 0, 2])
+    v = torch.randn(5, BR, BC)
+    x, dy, bias = torch.randn(7, N), torch.randn(7, M), torch.randn(M)
+    cpu = backends.kernels("cpu")
+    assert_close_rel(cpu.forward(x, v, bias, crow, col, row, M), R.forward(x, v, bias, crow, col, row, M), 1e-5)
+    assert_close_rel(cpu.grad_input(dy, v, ccol, t_row, t_perm, N), R.grad_input(dy, v, ccol, t_row, t_perm, N), 1e-5)
+    assert_close_rel(cpu.grad_weight(dy, x, row, col, None, None, BR, BC),
+                     R.grad_weight(dy, x, row, col, None, None, BR, BC), 1e-5)

@@ -282,7 +282,8 @@ void slice_gemm(const T* a, int64_t B, int64_t F, T* out, int64_t ldc, int64_t n
     std::vector<int64_t> offs, ks;
     std::vector<Seg<T>> segs;
   };
-  auto init = [&] { return Scratch{std::vector<T>(nq * std::min(kKMax, F) * NR), {}, {}, {}}; };
+  // a group holds at most kKMax K entries (more than F where trusted index lists repeat a block)
+  auto init = [&] { return Scratch{std::vector<T>(nq * kKMax * NR), {}, {}, {}}; };
   parallel_dynamic(n_groups * nch, work, init, [&](Scratch& st, int64_t u0, int64_t u1) {
     std::vector<T>& bpack = st.bpack;
     std::vector<int64_t>& offs = st.offs;
