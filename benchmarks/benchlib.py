@@ -15,7 +15,7 @@ import time
 import warnings
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -61,10 +61,12 @@ class LayerCase:
     hw: int
     batch: int
     halo: Union[int, str] = 0
+    block_shape: Optional[Tuple[int, int]] = None  # None: the package's choice
 
     def describe(self) -> str:
+        blocks = "" if self.block_shape is None else f", blocks {self.block_shape[0]}x{self.block_shape[1]}"
         return (f"Conv {self.cin}->{self.cout} {self.k}x{self.k} pad {self.k // 2}, {self.hw}x{self.hw} input, "
-                f"batch {self.batch}, halo {self.halo}")
+                f"batch {self.batch}, halo {self.halo}{blocks}")
 
 
 FULL_CASES = [
@@ -129,7 +131,7 @@ class LayerState:
         B, H, k = case.batch, case.hw, case.k
         self.pad = k // 2
         self.conv = nn.Conv2d(case.cin, case.cout, k, padding=self.pad).to(DEVICE, DTYPE)
-        self.efcn = SparseEFCN.from_conv(self.conv, (H, H), halo=case.halo)
+        self.efcn = SparseEFCN.from_conv(self.conv, (H, H), halo=case.halo, block_shape=case.block_shape)
         self.layout = self.efcn.layout
         self.values = self.efcn.values.detach()
         self.bias = self.efcn.bias.detach()

@@ -1,15 +1,22 @@
 """Paired ratios for the headline comparisons: the eFCN and one anchor timed in alternating
 rounds (order flipped every pair), the ratio taken per pair, then the median. On a shared machine
 whose speed drifts by 2x within minutes this is far steadier than a ratio of two medians
-measured minutes apart. Results go to the run's JSON (records.paired), not to pytest-benchmark."""
+measured minutes apart. Results go to the run's JSON (records.paired), not to pytest-benchmark.
+
+The RGB input layer (L1) is also paired against itself stored in the wide tiles it had before
+few-channel layers were stored tight (64x48 tiles spanning 16 pixels, mostly masked zeros): the
+tight layout must be no slower."""
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 import warnings
 
 import pytest
+
+from efcn_sparse.conv_geometry import choose_block_side
 
 from . import benchlib as bl
 from .test_bench_layers import BUILDERS
@@ -43,6 +50,26 @@ def _timed(fn):
     return time.perf_counter() - t
 
 
+def _paired(fe, fa):
+    """Per-pair times of fe and fa, alternating which runs first."""
+    te, ta = [], []
+    budget = 20.0 if bl.FULL else 0.0
+    t_start = time.perf_counter()
+    while len(te) < 15 and (len(te) < (5 if bl.FULL else 1) or time.perf_counter() - t_start < budget):
+        order = ((fe, te), (fa, ta)) if len(te) % 2 == 0 else ((fa, ta), (fe, te))
+        for fn, acc in order:
+            acc.append(_timed(fn))
+    return te, ta
+
+
+def _record(layer, op, anchor, backend, te, ta, describe):
+    ratios = [e / a for e, a in zip(te, ta)]
+    bl.RECORDS.setdefault("paired", []).append(dict(
+        layer=layer, op=op, anchor=anchor, backend=backend, pairs=len(ratios),
+        ratio_median=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
+        efcn_median=statistics.median(te), anchor_median=statistics.median(ta), describe=describe))
+
+
 @pytest.mark.parametrize("layer,op,anchor,backend", _params())
 def test_paired_ratio(layer, op, anchor, backend):
     case = next(c for c in bl.cases() if c.name == layer)
@@ -53,15 +80,21 @@ def test_paired_ratio(layer, op, anchor, backend):
         fa, ca, _ = BUILDERS[anchor](st, op, None)  # skips when the anchor does not fit
         ce(fe())  # warm-up, checked
         ca(fa())
-        te, ta = [], []
-        budget = 20.0 if bl.FULL else 0.0
-        t_start = time.perf_counter()
-        while len(te) < 15 and (len(te) < (5 if bl.FULL else 1) or time.perf_counter() - t_start < budget):
-            order = ((fe, te), (fa, ta)) if len(te) % 2 == 0 else ((fa, ta), (fe, te))
-            for fn, acc in order:
-                acc.append(_timed(fn))
-    ratios = [e / a for e, a in zip(te, ta)]
-    bl.RECORDS.setdefault("paired", []).append(dict(
-        layer=layer, op=op, anchor=anchor, backend=backend, pairs=len(ratios),
-        ratio_median=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
-        efcn_median=statistics.median(te), anchor_median=statistics.median(ta), describe=case.describe()))
+        te, ta = _paired(fe, fa)
+    _record(layer, op, anchor, backend, te, ta, case.describe())
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("op", bl.OPS)
+def test_paired_tight_vs_wide_tiles_on_the_rgb_input_layer(op, backend):
+    case = next(c for c in bl.cases() if c.name == "L1")
+    st = bl.layer_state(case)
+    wide = (choose_block_side(case.cout), choose_block_side(case.cin))
+    assert st.layout.block_shape == (case.cout, case.cin) != wide  # tight: one pixel per tile
+    old = bl.LayerState(dataclasses.replace(case, name="L1-wide", block_shape=wide))
+    fe, ce, _ = BUILDERS["efcn"](st, op, backend)
+    fa, ca, _ = BUILDERS["efcn"](old, op, backend)
+    ce(fe())  # warm-up, checked
+    ca(fa())
+    te, ta = _paired(fe, fa)
+    _record("L1", op, f"efcn[{backend}], {wide[0]}x{wide[1]} tiles", backend, te, ta, case.describe())

@@ -28,7 +28,7 @@ from .layout import BSRLayout
 
 Halo = Union[int, str]
 
-__all__ = ["ConvGeometry", "choose_block_side", "build_layout", "embed_weight", "embed_bias", "check_halo"]
+__all__ = ["ConvGeometry", "choose_block_side", "choose_block_shape", "build_layout", "embed_weight", "embed_bias", "check_halo"]
 
 
 def _pair(v) -> Tuple[int, int]:
@@ -183,6 +183,44 @@ def choose_block_side(channels: int, cap: int = 64) -> int:
     return span if span <= 128 else 16
 
 
+FEW_CHANNELS = 4  # a layer with at most this many input (or output) channels gets tight tiles
+
+
+def _tight_side(channels: int) -> int:
+    """Tile side that keeps a tile within one pixel's ``channels`` where it can: the multiple of 16
+    of :func:`choose_block_side`, else the whole pixel (up to 64 channels), else the largest
+    divisor from 8 to 64; with none (e.g. a prime), 16 with the mask covering the partial pixels,
+    which over 64 channels stores at most 1.5x the pixel's entries."""
+    if channels % 16 == 0:
+        return choose_block_side(channels)
+    if channels <= 64:
+        return channels
+    return max([d for d in range(8, 65) if channels % d == 0], default=16)
+
+
+def choose_block_shape(geo: ConvGeometry, halo: Halo = 0) -> Tuple[int, int]:
+    """The (BR, BC) tile of a conv's eFCN with ``halo``.
+
+    Layers with few input or output channels (RGB or grey input, <= ``FEW_CHANNELS``) get tight
+    tiles: one pixel's channels of one group per side (a column tile of 1-4 entries), so a stored
+    block is one in-group (output pixel, input pixel) pair whatever the kernel, stride, dilation or
+    halo, and nothing is stored that the support does not need (a tile spanning several pixels
+    cannot follow the shifting receptive fields: most of it would be masked zeros). Except with
+    ``halo="full"`` and no groups: every pair is stored, so the wider tiles below waste only
+    their edges (kept to 1.5x), and fewer, larger blocks run faster. Other layers get
+    :func:`choose_block_side` per side.
+    """
+    Cout, Cin, g = geo.out_channels, geo.in_channels, geo.groups
+    wide = choose_block_side(Cout), choose_block_side(Cin)
+    if min(Cout, Cin) > FEW_CHANNELS:
+        return wide
+    if halo == "full" and g == 1:
+        (M, N), (BR, BC) = (geo.out_features, geo.in_features), wide
+        if -(-M // BR) * BR * -(-N // BC) * BC <= 1.5 * M * N:
+            return wide
+    return _tight_side(Cout // g), _tight_side(Cin // g)
+
+
 def _group_ok(geo: ConvGeometry, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Whether output channel ``r % C_out`` and input channel ``c % C_in`` share a group."""
     g = geo.groups
@@ -198,7 +236,7 @@ def build_layout(geo: ConvGeometry, halo: Halo = 0, block_shape: Optional[Tuple[
     Cout, Cin = geo.out_channels, geo.in_channels
     M, N = geo.out_features, geo.in_features
     P_in = geo.input_size[0] * geo.input_size[1]
-    BR, BC = block_shape if block_shape is not None else (choose_block_side(Cout), choose_block_side(Cin))
+    BR, BC = block_shape if block_shape is not None else choose_block_shape(geo, halo)
     if BR <= 0 or BC <= 0:
         raise ValueError(f"block_shape: expected positive sides, got {block_shape}")
     pairs = geo.support_pairs(halo)
@@ -243,7 +281,10 @@ def build_layout(geo: ConvGeometry, halo: Halo = 0, block_shape: Optional[Tuple[
                 ids[i] = known[b]
             ids_list.append(ids[inv])
         pats, ids = torch.cat(pats_list), torch.cat(ids_list)
-    keep = pats.reshape(pats.shape[0], BR * BC).any(1)[ids]  # drop blocks that lie wholly in other groups
+    flat = pats.reshape(pats.shape[0], BR * BC)
+    keep = flat.any(1)[ids]  # drop blocks that lie wholly in other groups
+    if bool(flat.all(1)[ids[keep]].all()):  # tiles follow the groups: every kept block is whole
+        return BSRLayout.from_block_coords((M, N), (BR, BC), brow[keep], bcol[keep], device=device)
     return BSRLayout.from_block_coords((M, N), (BR, BC), brow[keep], bcol[keep], mask_ids=ids[keep],
                                        mask_patterns=pats, device=device)
 

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from .conv_geometry import ConvGeometry, Halo, build_layout, check_halo, choose_block_side
+from .conv_geometry import ConvGeometry, Halo, build_layout, check_halo, choose_block_shape
 from .embedding import _block_shape_for, conv_input_sizes
 from .module import SparseEFCN
 
@@ -50,18 +50,20 @@ def _conv_counts(geo: ConvGeometry, halo: Halo, block_shape) -> dict:
     Cout, Cin, g = geo.out_channels, geo.in_channels, geo.groups
     cig = Cin // g
     M, N = geo.out_features, geo.in_features
-    BR, BC = block_shape if block_shape is not None else (choose_block_side(Cout), choose_block_side(Cin))
+    BR, BC = block_shape if block_shape is not None else choose_block_shape(geo, halo)
     nbr, nbc = _cdiv(M, BR), _cdiv(N, BC)
     P_out, P_in = geo.out_size[0] * geo.out_size[1], geo.input_size[0] * geo.input_size[1]
     if Cout % BR == 0 and Cin % BC == 0:  # pixel-aligned tiles: every support pair holds its in-group tiles
         n_pairs = P_out * P_in if halo == "full" else int(geo.support_pairs(halo).numel())
         ta, tb = Cout // BR, Cin // BC
         co, ci = torch.arange(Cout), torch.arange(Cin)
-        ok = (co[:, None] // (Cout // g)) == (ci[None, :] // cig)
-        tiles = int(ok.reshape(ta, BR, tb, BC).any(3).any(1).sum())
+        ok = ((co[:, None] // (Cout // g)) == (ci[None, :] // cig)).reshape(ta, BR, tb, BC)
+        in_group = ok.any(3).any(1)  # [ta, tb] tiles holding in-group entries: stored
+        tiles = int(in_group.sum())
+        masked = not bool(ok.all(3).all(1)[in_group].all())  # tiles that do not follow the groups
         nnzb = n_pairs * tiles
         return dict(nnzb=nnzb, weights=n_pairs * Cout * cig, block=(BR, BC),
-                    index_bytes=_index_bytes(nbr, nbc, nnzb, ta * tb if g > 1 else None, (BR, BC)))
+                    index_bytes=_index_bytes(nbr, nbc, nnzb, ta * tb if masked else None, (BR, BC)))
     if halo == "full" and g == 1:  # every block, masked only where it sticks out of the matrix
         row_types = (1 if M % BR == 0 else 1 + (nbr > 1))
         col_types = (1 if N % BC == 0 else 1 + (nbc > 1))

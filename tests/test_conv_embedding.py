@@ -188,11 +188,12 @@ def test_block_side_is_pixel_aligned_multiple_of_16(channels, expected):
     assert choose_block_side(channels) == expected
 
 
-def test_rgb_input_layer_uses_multi_pixel_tiles_with_mask():
+def test_rgb_input_layer_uses_one_pixel_tiles_without_mask():
     conv = nn.Conv2d(3, 64, 3, padding=1)
     m = SparseEFCN.from_conv(conv, (8, 8))
-    assert m.block_shape == (64, 48)
-    assert m.layout.has_mask
+    assert m.block_shape == (64, 3)
+    assert not m.layout.has_mask
+    assert m.nnzb == _expected_pairs(m.geometry, 0)  # one block per receptive-field pixel pair
     x = torch.randn(2, 3, 8, 8)
     assert_close_rel(m(x), conv(x), 1e-5)
 

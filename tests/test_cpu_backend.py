@@ -73,7 +73,8 @@ def cpu_kernels():
 
 
 # (M, N, BR, BC, options): partial edge blocks, blocks narrower/wider than a register tile,
-# rows/columns longer than one packed panel (1024 entries), one block wider than a panel.
+# rows/columns longer than one packed panel (1024 entries), one block wider than a panel,
+# blocks of 1-4 rows or columns.
 SHAPES = [
     (100, 70, 16, 32, dict(mask=True)),
     (64, 64, 16, 16, dict()),
@@ -83,6 +84,12 @@ SHAPES = [
     (1100, 37, 16, 16, dict(full_col=True, mask=True)),
     (9, 2100, 4, 1040, dict(full_row=True)),
     (300, 260, 64, 64, dict(density=0.6)),
+    # narrow blocks (tight few-channel layers): grouped block rows/columns, gathered panels
+    (100, 70, 16, 1, dict(mask=True)),
+    (130, 61, 64, 3, dict(mask=True)),
+    (30, 2000, 4, 3, dict(full_row=True)),
+    (1100, 37, 7, 2, dict(full_col=True, mask=True)),
+    (70, 90, 1, 64, dict(mask=True)),
 ]
 
 

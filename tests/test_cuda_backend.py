@@ -75,9 +75,13 @@ def check_three(fwd, gin, gw, lay, values, x, dy, bias, what=""):
         assert (dw.cpu()[~lc.block_mask()] == 0).all(), f"grad_weight {what}: masked entries not zero"
 
 
-# Block shapes the package picks (conv_geometry.choose_block_side), and generic ones.
+# Block shapes the package picks (conv_geometry.choose_block_shape: tight few-channel tiles too),
+# and generic ones.
 CASES = [  # (block, M, N, batch)
     ((16, 16), 40, 56, 7),
+    ((64, 3), 192, 45, 19),
+    ((64, 1), 130, 40, 5),
+    ((3, 64), 30, 200, 33),
     ((32, 32), 96, 70, 33),
     ((64, 48), 130, 100, 1),
     ((64, 64), 128, 192, 130),

@@ -242,7 +242,9 @@ def _independent_counts(conv: nn.Conv2d, size, halo):
 
 
 SUMMARY_CONVS = [
-    (nn.Conv2d(3, 16, 3, padding=1), (6, 5)),  # few input channels: tiles span pixels
+    (nn.Conv2d(3, 16, 3, padding=1), (6, 5)),  # few input channels: tight tiles, one pixel each
+    (nn.Conv2d(4, 6, 3, padding=1, groups=2), (5, 4)),  # few channels and groups: one group's pixel each
+    (nn.Conv2d(2, 67, 3, padding=1), (4, 5)),  # 67 output channels: 16-row tiles with a mask
     (nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), (6, 6)),  # pixel-aligned tiles
     (nn.Conv2d(32, 32, 3, padding=1, groups=32), (5, 4)),  # depthwise
     (nn.Conv2d(6, 10, (3, 2), dilation=(1, 2), padding=(1, 2), groups=2), (5, 6)),  # groups, non-aligned

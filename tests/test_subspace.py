@@ -133,7 +133,8 @@ def _stats(m: SparseEFCN, W, PW, K, local, dist):
 DENSE_CASES = [  # (conv, input size, halo, block shape)
     (lambda: nn.Conv2d(4, 6, 3, padding=1), (5, 4), "full", (3, 2)),  # pixel-aligned tiles
     (lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2), (5, 4), 1, (3, 2)),  # aligned, groups
-    (lambda: nn.Conv2d(3, 5, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(1, 2)), (6, 5), "full", None),  # spanning tiles
+    (lambda: nn.Conv2d(3, 5, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(1, 2)), (6, 5), "full", (80, 48)),  # spanning tiles
+    (lambda: nn.Conv2d(3, 5, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(1, 2)), (6, 5), 1, None),  # tight tiles
     (lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), (4, 5), 1, None),  # taps that coincide
     (lambda: nn.Conv2d(2, 4, 3, padding=1, padding_mode="circular", groups=2), (3, 2), "full", (2, 1)),  # wrap-around
     (lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="replicate"), (4, 4), 0, (4, 3)),
@@ -281,9 +282,10 @@ def test_deviation_skips_generic_layers_and_cache_follows_layout_changes():
     assert isinstance(to_cnn(model)[0], SparseEFCN) and isinstance(to_cnn(model)[2], nn.Conv2d)
     assert deviation(nn.Linear(2, 2)) == {"layers": {}, "total": deviation(nn.Sequential())["total"]}
     # loading a different layout into the same module object invalidates its cached maps
-    m = SparseEFCN.from_conv(conv, (5, 4), halo=0, backend=BACKEND)
+    # (one block shape for both: halo="full" alone would pick wider tiles for this few-channel conv)
+    m = SparseEFCN.from_conv(conv, (5, 4), halo=0, block_shape=(2, 2), backend=BACKEND)
     assert deviation(m)["total"]["offlocal_ratio"] == 0
-    full = SparseEFCN.from_conv(conv, (5, 4), halo="full", backend=BACKEND)
+    full = SparseEFCN.from_conv(conv, (5, 4), halo="full", block_shape=(2, 2), backend=BACKEND)
     _perturb(full)
     m.load_state_dict(full.state_dict())
     want = _reference_stats(full, *_dense_reference(conv, (5, 4))[:2])["deviation"]
@@ -297,13 +299,14 @@ def test_deviation_and_projection_on_larger_layers_of_each_kind():
     layer) against the single-chunk result."""
     import efcn_sparse.subspace as S
 
-    convs = [(nn.Conv2d(16, 32, 3, padding=1), (6, 6), "full"),
-             (nn.Conv2d(3, 16, 3, padding=1, padding_mode="reflect"), (7, 6), 2),
-             (nn.Conv2d(16, 16, 3, padding=1, groups=16), (6, 6), 1),
+    convs = [(nn.Conv2d(16, 32, 3, padding=1), (6, 6), "full", None),
+             (nn.Conv2d(3, 16, 3, padding=1, padding_mode="reflect"), (7, 6), 2, None),  # tight few-channel tiles
+             (nn.Conv2d(3, 16, 3, padding=1, padding_mode="reflect"), (7, 6), 2, (16, 48)),  # tiles spanning pixels
+             (nn.Conv2d(16, 16, 3, padding=1, groups=16), (6, 6), 1, None),
              (nn.Conv2d(8, 16, (3, 2), stride=2, dilation=(1, 2), padding=2, padding_mode="circular", groups=2),
-              (7, 8), "full")]
-    for conv, size, halo in convs:
-        m = SparseEFCN.from_conv(conv, size, halo=halo, backend=BACKEND)
+              (7, 8), "full", None)]
+    for conv, size, halo, block in convs:
+        m = SparseEFCN.from_conv(conv, size, halo=halo, block_shape=block, backend=BACKEND)
         _perturb(m)
         clear_cache()
         ref, pref = deviation(m), project(m).values
@@ -369,7 +372,7 @@ def test_interpolate_evaluates_the_path_and_output_averaging():
     a.eval()
     with torch.no_grad():
         want = nn.functional.cross_entropy(a(x), y).item()
-        acc = (a(x).argmax(1) == y).float().mean().item()
+        acc = (a(x).argmax(1) == y).double().mean().item()  # as interpolate counts: exact k / n
     assert math.isclose(res["loss"][0], want, rel_tol=1e-5) and math.isclose(res["accuracy"][0], acc)
     a.train(), b.train()
     out = interpolate(a, b, [0.25], loader, mode="output")

@@ -188,6 +188,7 @@ struct Seg {
   int64_t a_off;
   const T* w;
   int64_t k;
+  int64_t item = 0;  // the packer's own index of what the segment holds (narrow_slice_gemm)
 };
 
 // Calls fn(segs, K, first, last) on consecutive groups of the K entries of blocks [p0, p1):
@@ -281,7 +282,8 @@ void slice_gemm(const T* a, int64_t B, int64_t F, T* out, int64_t ldc, int64_t n
     std::vector<int64_t> offs, ks;
     std::vector<Seg<T>> segs;
   };
-  auto init = [&] { return Scratch{std::vector<T>(nq * std::min(kKMax, F) * NR), {}, {}, {}}; };
+  // a group holds at most kKMax K entries (more than F where trusted index lists repeat a block)
+  auto init = [&] { return Scratch{std::vector<T>(nq * kKMax * NR), {}, {}, {}}; };
   parallel_dynamic(n_groups * nch, work, init, [&](Scratch& st, int64_t u0, int64_t u1) {
     std::vector<T>& bpack = st.bpack;
     std::vector<int64_t>& offs = st.offs;
@@ -300,16 +302,22 @@ void slice_gemm(const T* a, int64_t B, int64_t F, T* out, int64_t ldc, int64_t n
       }
       auto group = [&](const std::vector<Seg<T>>& sg, int64_t K, bool first, bool last) {
         pack_b(sg, K, nv, bpack.data());
-        offs.resize(sg.size());
-        ks.resize(sg.size());
-        for (size_t s = 0; s < sg.size(); ++s) {
-          offs[s] = sg[s].a_off * kMR;
-          ks[s] = sg[s].k;
+        // segments contiguous in the packed operand merge (same K order: narrow blocks of
+        // neighbouring pixels otherwise give the micro-kernel a loop per block)
+        offs.clear();
+        ks.clear();
+        for (const Seg<T>& s : sg) {
+          if (!ks.empty() && offs.back() + ks.back() * kMR == s.a_off * kMR) {
+            ks.back() += s.k;
+          } else {
+            offs.push_back(s.a_off * kMR);
+            ks.push_back(s.k);
+          }
         }
         for (int64_t bt = bt0; bt < bt1; ++bt) {
           const int mr = static_cast<int>(std::min<int64_t>(kMR, B - bt * kMR));
           for (int64_t q = 0; q < nq; ++q) {
-            kern[mr](ap + bt * F * kMR, offs.data(), ks.data(), static_cast<int>(sg.size()), bpack.data() + q * K * NR,
+            kern[mr](ap + bt * F * kMR, offs.data(), ks.data(), static_cast<int>(offs.size()), bpack.data() + q * K * NR,
                      tile);
             store_tile(tile, mr, std::min<int64_t>(NR, nv - q * NR), o + bt * kMR * ldc + q * NR, ldc, !first,
                        (last && bias_g) ? bias_g + q * NR : nullptr);
@@ -321,11 +329,157 @@ void slice_gemm(const T* a, int64_t B, int64_t F, T* out, int64_t ldc, int64_t n
   });
 }
 
+// ------------------------------------------------------------------------------ narrow blocks
+// Blocks much narrower than a register tile's NR columns (the tight blocks of a layer with 1-4
+// input or output channels: one pixel's channels per side) would leave most of every tile idle
+// if taken one block at a time, so each op groups them:
+// * forward (BR <= NR / 2) and grad_input (BC <= NR / 2): G = NR / side consecutive block rows
+//   (columns) side by side in one output panel, over the union of their blocks (neighbouring
+//   pixels share most of their receptive fields);
+// * grad_weight (BC < NR): the x columns of a block row's consecutive blocks gathered into
+//   dense panels.
+// Each output entry is still one chain of multiply-adds in an order fixed by the layout.
+
+// ap[t][b][m] = dy[b][i*BR + t*kMR + m] (zero past the block row's in-range rows): block row
+// i of dy as cdiv(BR, kMR) A panels of B rows each.
+template <typename T>
+void pack_dy_row(const T* dy, int64_t B, int64_t M, int64_t i, int64_t BR, T* ap) {
+  const int64_t ntr = cdiv(BR, kMR), rows = std::min(BR, M - i * BR), full = rows / kMR;
+  for (int64_t b = 0; b < B; ++b) {
+    const T* src = dy + b * M + i * BR;
+    T* dst = ap + b * kMR;
+    int64_t t = 0;
+    for (; t < full; ++t)
+      for (int m = 0; m < kMR; ++m) dst[t * B * kMR + m] = src[t * kMR + m];
+    for (; t < ntr; ++t)
+      for (int m = 0; m < kMR; ++m) dst[t * B * kMR + m] = t * kMR + m < rows ? src[t * kMR + m] : T(0);
+  }
+}
+
+// forward for 2 * BR <= NR, grad_input for 2 * BC <= NR: output slices of G = NR / S
+// consecutive narrow block lines (S = BR: block rows of y; S = BC: block columns of dx). A
+// slice's K entries are the union of its lines' blocks' other coordinates (block columns of x,
+// block rows of dy), ascending: a k-way merge of the lines' index lists, which visits each block
+// exactly once even if a list were unsorted. Entry u is K block ukey[u], with ublk[u*G + d] the
+// position (in ptr/idx order) of line d's block there, or -1. Block position p holds values
+// w[perm[p]] (perm null: p); its element (k, n) sits at k*sk + n*sn.
+template <typename T>
+void narrow_slice_gemm(const T* a, int64_t B, int64_t F, T* out, int64_t out_cols, const T* bias, const int32_t* ptr,
+                       const int32_t* idx, const int32_t* perm, const T* w, int64_t S, int64_t KS, int64_t sk,
+                       int64_t sn) {
+  constexpr int NR = kNR<T>;
+  const int64_t G = NR / S, n_lines = cdiv(out_cols, S), ng = cdiv(n_lines, G), blk = S * KS;
+  std::vector<int64_t> uptr(ng + 1, 0), ukey, pos(G), end(G);
+  std::vector<int32_t> ublk;
+  ukey.reserve(ptr[n_lines]);
+  for (int64_t g = 0; g < ng; ++g) {
+    const int64_t l0 = g * G, nd = std::min(G, n_lines - l0);
+    for (int64_t d = 0; d < G; ++d) pos[d] = end[d] = 0;
+    for (int64_t d = 0; d < nd; ++d) pos[d] = ptr[l0 + d], end[d] = ptr[l0 + d + 1];
+    for (;;) {
+      int64_t key = -1;
+      for (int64_t d = 0; d < nd; ++d)
+        if (pos[d] < end[d] && (key < 0 || idx[pos[d]] < key)) key = idx[pos[d]];
+      if (key < 0) break;
+      ukey.push_back(key);
+      for (int64_t d = 0; d < G; ++d)
+        ublk.push_back(pos[d] < end[d] && idx[pos[d]] == key ? static_cast<int32_t>(pos[d]++) : -1);
+    }
+    uptr[g + 1] = static_cast<int64_t>(ukey.size());
+  }
+  auto extent = [&](int64_t u) { return std::min(KS, F - ukey[u] * KS); };
+  auto make = [&](int64_t u, int64_t k0, int64_t len) { return Seg<T>{ukey[u] * KS + k0, nullptr, len, u}; };
+  auto blocks = [&](int64_t g) { return std::make_tuple(uptr[g], uptr[g + 1], extent, make); };
+  // B[k][d*S + n] = element (k, n) of line d's block at the entry (zero if none), columns past
+  // nv zero; one panel (G * S <= NR).
+  auto pack_b = [&](const std::vector<Seg<T>>& sg, int64_t, int64_t nv, T* bp) {
+    for (const Seg<T>& s : sg) {
+      const int64_t k0 = s.a_off - ukey[s.item] * KS;
+      std::fill(bp, bp + s.k * NR, T(0));
+      for (int64_t d = 0; d < G; ++d) {
+        const int32_t p = ublk[s.item * G + d];
+        const int64_t cols = std::min(S, nv - d * S);
+        if (p < 0 || cols <= 0) continue;
+        const T* src = w + (perm ? perm[p] : p) * blk + k0 * sk;
+        T* dst = bp + d * S;
+        for (int64_t k = 0; k < s.k; ++k, src += sk, dst += NR)
+          for (int64_t n = 0; n < cols; ++n) dst[n] = src[n * sn];
+      }
+      bp += s.k * NR;
+    }
+  };
+  slice_gemm<T>(a, B, F, out, out_cols, ng, G * S, out_cols, bias, B * ptr[n_lines] * blk, blocks, pack_b);
+}
+
+// grad_weight for BC < NR: a task is a run of consecutive stored blocks of one block row
+// (at most kRunCols gathered columns); their x columns are gathered into dense panels
+// xg[q][b][n] = x[b][column q*NR + n of the run], so each [BR x B] @ [B x NR] product fills
+// whole tiles, whose entries are then scattered to their blocks.
+template <typename T>
+void grad_weight_narrow_kernel(const T* dy, const T* x, const int32_t* row, const int32_t* col,
+                               const int32_t* mask_ids, const bool* patterns, T* dw, int64_t nnzb, int64_t B,
+                               int64_t M, int64_t N, int64_t BR, int64_t BC) {
+  constexpr int NR = kNR<T>;
+  constexpr int64_t kRunCols = 8 * NR;
+  if (nnzb == 0) return;
+  const int64_t ntr = cdiv(BR, kMR), blk = BR * BC, per_run = std::max<int64_t>(1, kRunCols / BC);
+  std::vector<int64_t> runs{0};  // task r: blocks [runs[r], runs[r+1])
+  for (int64_t p = 1; p <= nnzb; ++p)
+    if (p == nnzb || row[p] != row[runs.back()] || p - runs.back() == per_run) runs.push_back(p);
+  MicroKernel<T> kern[kMR + 1];
+  load_kernels(kern);
+  const int64_t zero = 0, max_cols = cdiv(per_run * BC, NR) * NR;
+  struct Scratch {
+    std::vector<T> apack, xg;
+    std::vector<int64_t> src;  // x column of each gathered column, -1: zero
+    int64_t row;               // block row held in apack, -1: none
+  };
+  auto init = [&] { return Scratch{std::vector<T>(ntr * B * kMR), std::vector<T>(max_cols * B),
+                                   std::vector<int64_t>(max_cols), -1}; };
+  parallel_dynamic(static_cast<int64_t>(runs.size()) - 1, nnzb * B * blk, init,
+                   [&](Scratch& st, int64_t r0, int64_t r1) {
+    alignas(64) T tile[kMR * NR];
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t p0 = runs[r], p1 = runs[r + 1], i = row[p0], L = (p1 - p0) * BC, nqr = cdiv(L, NR);
+      if (i != st.row) {
+        pack_dy_row(dy, B, M, i, BR, st.apack.data());
+        st.row = i;
+      }
+      for (int64_t c = 0; c < nqr * NR; ++c) {
+        const int64_t n = c < L ? col[p0 + c / BC] * BC + c % BC : N;
+        st.src[c] = n < N ? n : -1;
+      }
+      for (int64_t q = 0; q < nqr; ++q) {
+        const int64_t* sc = st.src.data() + q * NR;
+        T* dst = st.xg.data() + q * B * NR;
+        for (int64_t b = 0; b < B; ++b, dst += NR) {
+          const T* xb = x + b * N;
+          for (int n = 0; n < NR; ++n) dst[n] = sc[n] >= 0 ? xb[sc[n]] : T(0);
+        }
+      }
+      for (int64_t t = 0; t < ntr; ++t) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMR, BR - t * kMR));
+        for (int64_t q = 0; q < nqr; ++q) {
+          kern[mr](st.apack.data() + t * B * kMR, &zero, &B, 1, st.xg.data() + q * B * NR, tile);
+          for (int64_t n = 0, nv = std::min<int64_t>(NR, L - q * NR); n < nv; ++n) {
+            const int64_t c = q * NR + n, p = p0 + c / BC, off = (t * kMR) * BC + c % BC;
+            const bool* mk = patterns ? patterns + mask_ids[p] * blk + off : nullptr;
+            T* out = dw + p * blk + off;
+            for (int m = 0; m < mr; ++m)
+              out[m * BC] = (mk && !mk[m * BC]) ? T(0) : tile[m * NR + n];  // exactly 0, even for NaN inputs
+          }
+        }
+      }
+    }
+  });
+}
+
 // ------------------------------------------------------------------------------ forward
 template <typename T>
 void forward_kernel(const T* x, const T* w, const T* bias, const int32_t* crow, const int32_t* col, T* y,
                     int64_t B, int64_t N, int64_t M, int64_t BR, int64_t BC) {
   constexpr int NR = kNR<T>;
+  if (2 * BR <= NR) return narrow_slice_gemm<T>(x, B, N, y, M, bias, crow, col, nullptr, w, BR, BC, 1, BC);
   const int64_t nq = cdiv(BR, NR);
   auto extent = [=](int64_t p) { return std::min(BC, N - col[p] * BC); };
   auto make = [=](int64_t p, int64_t k0, int64_t k) { return Seg<T>{col[p] * BC + k0, w + p * BR * BC + k0, k}; };
@@ -349,6 +503,7 @@ template <typename T>
 void grad_input_kernel(const T* dy, const T* w, const int32_t* ccol, const int32_t* t_row, const int32_t* t_perm,
                        T* dx, int64_t B, int64_t M, int64_t N, int64_t BR, int64_t BC) {
   constexpr int NR = kNR<T>;
+  if (2 * BC <= NR) return narrow_slice_gemm<T>(dy, B, M, dx, N, nullptr, ccol, t_row, t_perm, w, BC, BR, BC, 1);
   const int64_t nq = cdiv(BC, NR);
   auto extent = [=](int64_t k) { return std::min(BR, M - t_row[k] * BR); };
   auto make = [=](int64_t k, int64_t r0, int64_t len) {
@@ -386,6 +541,7 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
                         const bool* patterns, T* dw, int64_t nnzb, int64_t B, int64_t M, int64_t N, int64_t BR,
                         int64_t BC) {
   constexpr int NR = kNR<T>;
+  if (BC < NR) return grad_weight_narrow_kernel(dy, x, row, col, mask_ids, patterns, dw, nnzb, B, M, N, BR, BC);
   const int64_t ntr = cdiv(BR, kMR), nq = cdiv(BC, NR), blk = BR * BC, nbc = cdiv(N, BC);
   at::Tensor x_t = empty_huge({nbc * nq * B * NR}, c10::CppTypeToScalarType<T>::value);
   T* xp = x_t.data_ptr<T>();
@@ -422,16 +578,7 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t i = row[p], j = col[p];
       if (i != st.row) {
-        const int64_t rows = std::min(BR, M - i * BR), full = rows / kMR;
-        for (int64_t b = 0; b < B; ++b) {
-          const T* src = dy + b * M + i * BR;
-          T* dst = ap + b * kMR;
-          int64_t t = 0;
-          for (; t < full; ++t)
-            for (int m = 0; m < kMR; ++m) dst[t * B * kMR + m] = src[t * kMR + m];
-          for (; t < ntr; ++t)
-            for (int m = 0; m < kMR; ++m) dst[t * B * kMR + m] = t * kMR + m < rows ? src[t * kMR + m] : T(0);
-        }
+        pack_dy_row(dy, B, M, i, BR, ap);
         st.row = i;
       }
       const bool* mask = patterns ? patterns + mask_ids[p] * blk : nullptr;
