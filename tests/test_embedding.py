@@ -80,9 +80,10 @@ def test_embedding_is_equivalent_in_eval_and_train_mode(name, kw, shape, halo):
 def test_non_finite_input_leaves_masked_gradients_of_every_layer_zero(cpu_backend):
     """A whole embedded network on each CPU backend: one +inf sample makes the gradients
     non-finite, yet every layer's masked entries get exactly 0."""
-    net = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, groups=2), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1, groups=4))
-    efcn = embed(net, (4, 5, 5), halo=1, backend=cpu_backend)
-    efcn(poison_one_sample(torch.randn(3, 4, 5, 5))).sum().backward()
+    # over 4 channels a side, so that tiles are not the tight one-pixel ones: groups leave masked entries
+    net = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1, groups=4))
+    efcn = embed(net, (8, 5, 5), halo=1, backend=cpu_backend)
+    efcn(poison_one_sample(torch.randn(3, 8, 5, 5))).sum().backward()
     for m in _efcns(efcn):
         mask = m.layout.block_mask()
         assert (~mask).any() and not torch.isfinite(m.values.grad[mask]).all()
