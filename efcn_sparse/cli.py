@@ -5,7 +5,8 @@
 * ``efcn merge RUN_DIRS... -o OUT``: join runs that split the relax times.
 * ``efcn demo``: embed a conv, check equivalence, print the memory table.
 
-Run ``efcn relax`` under ``torchrun --nproc_per_node N`` for data parallelism (gloo on CPU, NCCL on GPU).
+Run ``efcn relax`` under ``torchrun --nproc_per_node N`` for data parallelism (gloo on CPU, NCCL on GPU),
+or with ``--parallel seeds`` to share the seeds out over the ranks.
 """
 
 from __future__ import annotations
@@ -154,6 +155,9 @@ def _add_relax(sub) -> argparse.ArgumentParser:
     g = p.add_argument_group("execution")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 (torchrun: each rank its local GPU)")
     g.add_argument("--backend", default=None, help="kernel backend: auto, reference, cpu, triton, cuda")
+    g.add_argument("--parallel", choices=("data", "seeds"), default=d.parallel,
+                   help="under torchrun: 'data' trains each arm data-parallel (DDP) on all ranks; 'seeds' shares the "
+                        "seeds out (rank r trains seeds[r::world] alone, with single-process numbers)")
     g.add_argument("--threads", type=_positive(int), default=None,
                    help="CPU threads per process (default: torch's; 1 avoids oversubscription on a busy machine)")
     g.add_argument("--out", "-o", default="runs/relax", help="run directory")
@@ -192,7 +196,8 @@ def _relax(args) -> int:
                       momentum=args.momentum,
                       weight_decay=args.weight_decay, batch_size=args.batch_size,
                       eval_batch_size=args.eval_batch_size, seed=args.seed, seeds=_seeds(args), last_k=args.last_k,
-                      device=args.device, backend=args.backend, threads=args.threads)
+                      device=args.device, backend=args.backend, threads=args.threads,
+                      parallel=args.parallel)
     run = dict(out=args.out, resume=args.resume, force=args.force, quiet=args.quiet, plots=args.plots)
     try:
         res = relax(cfg, from_older=args.from_older, **run)

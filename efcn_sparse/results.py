@@ -39,7 +39,7 @@ _KEYS = ("seed", "n_seeds", "arm", "kind", "t_w", "epoch", "epochs_trained")
 ARTIFACTS = ("config.json", "metrics.jsonl", "metrics.csv", "summary.md", "figures", "checkpoints")
 # config fields that may differ between runs that are merged
 MERGE_FREE = {"device", "backend", "data_dir", "download", "eval_batch_size", "threads", "relax_times", "n_relax",
-              "fcn", "seed", "seeds", "last_k"}
+              "fcn", "seed", "seeds", "last_k", "parallel"}
 
 
 # ---------------------------------------------------------------------------------------- files
@@ -263,7 +263,7 @@ def _per_t_w_table(claims) -> List[str]:
 def summarize(run_dir: str, last_k: Optional[int] = None) -> dict:
     """The run's results over its seeds: summary.md text, per-arm statistics, and the paper's claims.
 
-    Returns ``markdown``, ``arms`` (per-arm statistics, see :func:`arm_stats`), ``finals`` (per
+    Returns ``markdown``, ``arms`` (arm name -> its statistics, see :func:`arm_stats`), ``finals`` (per
     (seed, arm)), ``claims`` (:class:`~efcn_sparse.claims.Claim` list), ``best_t_w``,
     ``gain_over_cnn``/``gain_over_fcn`` (mean final accuracy differences, fractions),
     ``efcn_above_fcn_everywhere``/``efcn_above_cnn_somewhere`` (on the means) and ``final_deviation``.
@@ -275,10 +275,9 @@ def summarize(run_dir: str, last_k: Optional[int] = None) -> dict:
     stats = arm_stats(meta, finals)
     claims = evaluate_claims(**claim_inputs(meta, finals))
     lines = _header(meta, k) + _arm_table(stats)
-    res = {"arms": stats, "finals": finals, "claims": claims, "last_k": k, "best_t_w": None, "gain_over_cnn": None,
+    res = {"arms": {a["arm"]: a for a in stats}, "finals": finals, "claims": claims, "last_k": k, "best_t_w": None, "gain_over_cnn": None,
            "gain_over_fcn": None, "efcn_above_fcn_everywhere": None, "efcn_above_cnn_somewhere": None}
-    by = {a["arm"]: a for a in stats}
-    cnn, fcn = by.get("cnn"), by.get("fcn")
+    cnn, fcn = res["arms"].get("cnn"), res["arms"].get("fcn")
     trained = [a for a in stats if a["kind"] == "efcn" and a["n"] and a["epochs_done"] and max(a["epochs_done"]) > 0]
     lines.append("")
     if trained:

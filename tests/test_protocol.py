@@ -219,6 +219,21 @@ def test_ddp_two_gloo_processes_match_one(tiny_run, tmp_path):
     _assert_same(rows, load_run(ref_dir)[1], rel=1e-4, acc_slack=1.0 / 40 + 1e-12)
 
 
+def test_torchrun_sharing_seeds_over_ranks_matches_one_process(tiny_run, tmp_path):
+    """--parallel seeds: each of 2 ranks trains one seed alone; the rows are the single-process ones."""
+    ref_dir, _ = tiny_run
+    out = str(tmp_path / "by_seed")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "efcn_sparse", "relax", *_cli_args(TINY), "--parallel", "seeds", "--out", out, "--quiet", "--no-plots"]
+    p = subprocess.run(cmd, env=dict(_env(), OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    meta, rows = load_run(out)
+    assert meta["world_size"] == 2 and meta["seeds"] == SEEDS
+    _assert_same(rows, load_run(ref_dir)[1])
+    with open(os.path.join(out, "metrics.csv")) as f:
+        assert {ln.split(",")[0] for ln in f.read().splitlines()[1:]} == {"0", "1", "mean", "std"}
+
+
 def test_split_seeds_and_relax_times_and_merge(tiny_run, tmp_path):
     """Jobs with a subset of the seeds or relax times give the same (seed, arm)s; merge joins them into one run."""
     ref_dir, _ = tiny_run
@@ -237,7 +252,7 @@ def test_split_seeds_and_relax_times_and_merge(tiny_run, tmp_path):
     assert open(os.path.join(m, "summary.md")).read() == res["markdown"]
     # the seeds of a and b alone: seed 1 lacks efcn_tw0/2 and the FCN, so those have n = 1
     res = merge([a, b], str(tmp_path / "ab"), plots=False)
-    n = {x["arm"]: x["n"] for x in res["arms"]}
+    n = {arm: x["n"] for arm, x in res["arms"].items()}
     assert n == {"cnn": 2, "efcn_tw0": 1, "efcn_tw1": 1, "efcn_tw2": 1, "fcn": 1}
     with pytest.raises(RunError, match="not empty"):
         merge([a, ref_dir], m)
