@@ -133,44 +133,36 @@ def evaluate_claims(cnn: SeedValues, fcn: SeedValues, efcn: Mapping[int, SeedVal
     ``deviation``: t_w -> final deviation per seed (eFCNs trained after relaxing only: at t_w = T
     nothing was trained and the eFCN is the CNN); ``epochs``: T, which bounds "intermediate".
     """
-    claims = []
     trained = sorted(t for t in efcn if t in deviation)
-
-    # 1. deviation below the threshold at every relax time
-    per = {t: stat(list(deviation[t].values())) for t in trained}
-    ms = {t: margin(per[t], deviation_small, sign=-1.0) for t in trained}
-    t, m = _decide(per, ms, every=True, boundary=deviation_small, sign=-1.0)
-    if t is None:
-        nums = "no eFCN trained after relaxing"
-    else:
-        lo = min(per[u].mean for u in trained)
-        nums = (f"final deviation {lo:.3f} to {max(per[u].mean for u in trained):.3f} across t_w; deciding "
-                f"t_w = {t}: {per[t].fmt(digits=3)} (n = {per[t].n}) against {deviation_small}")
-    claims.append(Claim("deviation", "the deviation from the CNN subspace stays small at every relax time",
-                        nums, m, per[t].n if t is not None else 0,
-                        verdict(m, per[t].n if t is not None else 0, confidence), per))
-
-    # 2. eFCN above the FCN at every relax time
-    per = {t: _paired(efcn[t], fcn) for t in trained}
-    ms = {t: margin(per[t]) for t in trained}
-    t, m = _decide(per, ms, every=True)
-    nums = ("no FCN or no eFCN" if t is None or per[t].n == 0
-            else f"eFCN - FCN at the deciding t_w = {t}: {_pts(per[t])}")
-    n = per[t].n if t is not None else 0
-    claims.append(Claim("above_fcn", "the eFCN ends above the FCN at every relax time", nums, m, n,
-                        verdict(m, n, confidence), per))
-
-    # 3. eFCN above the CNN at some intermediate relax time
     mid = [t for t in trained if 0 < t < epochs]
-    per = {t: _paired(efcn[t], cnn) for t in mid}
-    ms = {t: margin(per[t]) for t in mid}
-    t, m = _decide(per, ms, every=False)
-    nums = ("no intermediate relax time (0 < t_w < T) trained" if t is None or per[t].n == 0
-            else f"eFCN - CNN at the deciding t_w = {t}: {_pts(per[t])}")
+
+    def deviation_numbers(t, per):
+        means = [per[u].mean for u in trained]
+        return (f"final deviation {min(means):.3f} to {max(means):.3f} across t_w; deciding t_w = {t}: "
+                f"{per[t].fmt(digits=3)} (n = {per[t].n}) against {deviation_small}")
+
+    return [
+        _claim("deviation", "the deviation from the CNN subspace stays small at every relax time",
+               {t: stat(list(deviation[t].values())) for t in trained}, True, confidence,
+               deviation_numbers, "no eFCN trained after relaxing", boundary=deviation_small, sign=-1.0),
+        _claim("above_fcn", "the eFCN ends above the FCN at every relax time",
+               {t: _paired(efcn[t], fcn) for t in trained}, True, confidence,
+               lambda t, per: f"eFCN - FCN at the deciding t_w = {t}: {_pts(per[t])}", "no FCN or no eFCN"),
+        _claim("above_cnn", "the eFCN ends above its CNN at some intermediate relax time",
+               {t: _paired(efcn[t], cnn) for t in mid}, False, confidence,
+               lambda t, per: f"eFCN - CNN at the deciding t_w = {t}: {_pts(per[t])}",
+               "no intermediate relax time (0 < t_w < T) trained"),
+    ]
+
+
+def _claim(key: str, text: str, per: Dict[int, Stat], every: bool, confidence: float, numbers, missing: str,
+           boundary: float = 0.0, sign: float = 1.0) -> Claim:
+    """One claim over the relax times: decided by its smallest margin (``every``) or its largest."""
+    ms = {t: margin(per[t], boundary, sign) for t in per}
+    t, m = _decide(per, ms, every, boundary, sign)
     n = per[t].n if t is not None else 0
-    claims.append(Claim("above_cnn", "the eFCN ends above its CNN at some intermediate relax time", nums, m, n,
-                        verdict(m, n, confidence), per))
-    return claims
+    nums = missing if n == 0 else numbers(t, per)
+    return Claim(key, text, nums, m, n, verdict(m, n, confidence), per)
 
 
 def claims_markdown(claims: List[Claim], confidence: float = CONFIDENCE) -> List[str]:
