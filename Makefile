@@ -8,7 +8,7 @@ export CUDA_HOME ?= /usr/local/cuda
 STAMP := $(VENV)/.installed
 EXT_SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: run data test bench sanitize clean
+.PHONY: run data test bench sanitize mutants clean
 
 $(VENV)/.deps: requirements-dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -53,8 +53,16 @@ an administrator for 'apt-get update', or put the four idx .gz files into $(FMNI
 run: $(STAMP) data
 	$(BIN)/efcn relax $(RELAX_ARGS) --threads $(THREADS) --out $(RUN_DIR) --resume
 
-test: $(STAMP)
-	$(BIN)/python -m pytest tests benchmarks -q
+# Optional paths the suite must exercise: a test that would skip for lack of one fails instead
+# (tests/conftest.py; TESTING.md). `make test REQUIRE=` only skips, on a machine without them.
+REQUIRE ?= triton,triton-compiler,cpu-ext,cuda-emulator,fashion-mnist
+
+test: $(STAMP) data
+	EFCN_REQUIRE=$(REQUIRE) $(BIN)/python -m pytest tests benchmarks -q
+
+# Plants each known kind of bug in a temporary copy and checks the tests catch it (minutes; not CI).
+mutants: $(STAMP) data
+	EFCN_REQUIRE=$(REQUIRE) $(BIN)/python tests/mutations.py $(MUTANTS_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks/ --benchmark

@@ -37,16 +37,19 @@ say() { echo "[gpu_check.sh $(( $(date +%s) - START ))s] $*"; }
 } >"$OUT/env.txt" 2>&1
 say "environment in $OUT/env.txt"
 
-# ---------------------------------------------------------------- build (venv that sees the system torch)
-VENV=/tmp/efcn_gpu_check_venv
+# ---------------------------------------------------------------- build (into the Python that has torch)
+# The running python3 is used as it is: on the GPU machine it is itself a virtual environment
+# that has torch (a --system-site-packages venv made from it would see none), so no venv is made.
+# Only a system Python marked externally managed (PEP 668) needs pip's --break-system-packages.
 PY=python3
 PIP_EXTRA=()
-if python3 -m venv --system-site-packages "$VENV" >"$OUT/venv.log" 2>&1 && "$VENV/bin/python" -m pip --version >>"$OUT/venv.log" 2>&1; then
-  PY="$VENV/bin/python"
-else
+if ! python3 -c "import torch" >"$OUT/venv.log" 2>&1; then
+  say "python3 cannot import torch (see $OUT/venv.log): the build will fail; checks run what imports"
+elif python3 -c "import os, sys, sysconfig; sys.exit(sys.prefix != sys.base_prefix or not os.path.exists(
+    os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED')))"; then
   PIP_EXTRA=(--break-system-packages)
-  say "no venv with pip (see $OUT/venv.log): installing into the system Python"
 fi
+say "python: $(command -v "$PY") ($("$PY" -c 'import sys, torch; print(sys.prefix, "torch", torch.__version__)' 2>&1))"
 BUILD_RC=0
 say "building: pip install -e . (log $OUT/build.log, -v keeps ptxas -v register and spill lines)"
 timeout 300 "$PY" -m pip install -v -e . --no-build-isolation --no-deps "${PIP_EXTRA[@]}" >"$OUT/build.log" 2>&1 || BUILD_RC=$?

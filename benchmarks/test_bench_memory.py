@@ -16,13 +16,7 @@ import torch.nn as nn
 
 from . import benchlib as bl
 
-try:
-    from . import modelkit
-
-    modelkit.import_models()
-    MODELS_MISSING = None
-except ImportError as e:  # efcn_sparse.models / embed not there yet (issue 4)
-    MODELS_MISSING = f"efcn_sparse.models / efcn_sparse.embed not importable (issue 4): {e}"
+from . import modelkit
 
 PROBE = Path(__file__).resolve().parent / "memprobe.py"
 BUDGET_24 = 24 * bl.GiB
@@ -47,7 +41,6 @@ def _probe(model: str, variants, full: bool) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(MODELS_MISSING is not None, reason=str(MODELS_MISSING))
 @pytest.mark.parametrize("model", ["paper_cnn", "alexnet"])
 def test_memory_model(model):
     cfg = modelkit.model_config(model, bl.FULL)
@@ -107,26 +100,24 @@ def test_entry_counts_exact():
             conv = nn.Conv2d(cin, cout, k, stride=s, padding=p)
             got = SparseEFCN.from_conv(conv, (size, size), halo=halo).layout.stored_entries()
             assert got == modelkit.conv_entries(conv, (size, size), halo)["stored"], (cin, cout, k, s, p, size, halo)
-    if MODELS_MISSING is None:
-        paper_cnn, alexnet, embed, _ = modelkit.import_models()
-        from efcn_sparse import SparseEFCN
+    paper_cnn, alexnet, embed, _ = modelkit.import_models()
+    from efcn_sparse import SparseEFCN
 
-        for name, halo in (("paper_cnn", 2), ("alexnet", 0)):  # strided, explicit-pad and few-channel convs
-            kw = dict(modelkit.model_config(name, False)["kwargs"])
-            m = embed(modelkit.build_cnn(name, kw), (3, 32, 32), halo=halo)
-            got = sum(l.layout.stored_entries() for l in m.modules() if isinstance(l, SparseEFCN))
-            assert got == modelkit.model_entries(name, kw, 32, halo)["stored"], (name, halo)
+    for name, halo in (("paper_cnn", 2), ("alexnet", 0)):  # strided, explicit-pad and few-channel convs
+        kw = dict(modelkit.model_config(name, False)["kwargs"])
+        m = embed(modelkit.build_cnn(name, kw), (3, 32, 32), halo=halo)
+        got = sum(l.layout.stored_entries() for l in m.modules() if isinstance(l, SparseEFCN))
+        assert got == modelkit.model_entries(name, kw, 32, halo)["stored"], (name, halo)
 
 
 def test_largest_efcn_in_24gib():
     """Computed estimate: the largest square input whose eFCN training state fits in 24 GiB."""
     rows = []
     targets = [("L2 conv 64->64 3x3 pad 1", lambda s, h: _l2_entries(s, h), 1)]
-    if MODELS_MISSING is None:
-        for name in ("paper_cnn", "alexnet"):
-            kw = modelkit.model_config(name, True)["kwargs"]  # full width: it is only counted, never built
-            targets.append((f"{name} (width {kw['width']})",
-                            lambda s, h, name=name, kw=kw: modelkit.model_entries(name, kw, s, h), 32))
+    for name in ("paper_cnn", "alexnet"):
+        kw = modelkit.model_config(name, True)["kwargs"]  # full width: it is only counted, never built
+        targets.append((f"{name} (width {kw['width']})",
+                        lambda s, h, name=name, kw=kw: modelkit.model_entries(name, kw, s, h), 32))
     for label, entries, lo in targets:
         for halo in (0, 2, "full"):
             key = "dense" if halo == "full" else "stored"

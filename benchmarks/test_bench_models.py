@@ -9,13 +9,7 @@ import torch
 
 from . import benchlib as bl
 
-try:
-    from . import modelkit
-
-    modelkit.import_models()
-    MODELS_MISSING = None
-except ImportError as e:  # efcn_sparse.models / embed not there yet (issue 4)
-    MODELS_MISSING = f"efcn_sparse.models / efcn_sparse.embed not importable (issue 4): {e}"
+from . import modelkit
 
 
 def _params():
@@ -28,7 +22,6 @@ def _params():
     return out
 
 
-@pytest.mark.skipif(MODELS_MISSING is not None, reason=str(MODELS_MISSING))
 @pytest.mark.parametrize("model,variant,backend", _params())
 def test_train_step(benchmark, model, variant, backend):
     bl.release_state()

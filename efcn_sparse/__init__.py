@@ -20,6 +20,7 @@ from .layout import BSRLayout, LayoutError  # noqa: E402
 from .models import get_model  # noqa: E402
 from .module import SparseEFCN  # noqa: E402
 from .protocol import RelaxConfig, relax  # noqa: E402
+from .sharding import shard  # noqa: E402
 from .subspace import deviation, project, to_cnn  # noqa: E402
 from .summary import summary  # noqa: E402
 
@@ -48,4 +49,5 @@ __all__ = [
     "models",
     "relax",
     "RelaxConfig",
+    "shard",
 ]

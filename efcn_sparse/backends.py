@@ -28,8 +28,7 @@ _MODULES = {
     "cuda": "efcn_sparse.kernels.cuda",
     "triton": "efcn_sparse.kernels.triton_bsr",
 }
-_loaded: Dict[str, Optional[ModuleType]] = {}
-_import_errors: Dict[str, str] = {}
+_loaded: Dict[str, ModuleType] = {}
 _default = os.environ.get("EFCN_BACKEND", "auto")
 
 
@@ -37,13 +36,12 @@ class BackendUnavailable(RuntimeError):
     """A backend was asked for that cannot run here (with the reason)."""
 
 
-def _module(name: str) -> Optional[ModuleType]:
+def _module(name: str) -> ModuleType:
+    """The kernel module of ``name``. A missing optional dependency (the compiled extension,
+    triton) is handled inside the module, which then reports itself unavailable; any error while
+    importing it is a bug in the package and propagates instead of hiding as "unavailable"."""
     if name not in _loaded:
-        try:
-            _loaded[name] = importlib.import_module(_MODULES[name])
-        except Exception as e:  # missing extension or triton: the backend is simply unavailable
-            _loaded[name] = None
-            _import_errors[name] = f"{type(e).__name__}: {e}"
+        _loaded[name] = importlib.import_module(_MODULES[name])
     return _loaded[name]
 
 
@@ -58,12 +56,9 @@ def unavailable_reason(name: str, device) -> Optional[str]:
     check_name(name)
     if name == "auto":
         return None
-    mod = _module(name)
-    if mod is None:
-        return f"backend {name!r} failed to load ({_import_errors.get(name)})"
     if name == "reference":
         return None
-    return mod.unavailable_reason(torch.device(device))
+    return _module(name).unavailable_reason(torch.device(device))
 
 
 def available_backends(device="cpu") -> List[str]:
@@ -243,7 +238,4 @@ def _median_time(fn, device: torch.device, repeats: int) -> float:
 
 def kernels(name: str) -> ModuleType:
     """The kernel module of a concrete backend."""
-    mod = _module(name)
-    if mod is None:
-        raise BackendUnavailable(f"backend {name!r} failed to load ({_import_errors.get(name)})")
-    return mod
+    return _module(name)

@@ -2,11 +2,13 @@
 
 * ``efcn relax``: the relax-time protocol (CNN, eFCN relaxed at each t_w, FCN baseline) into a run dir.
 * ``efcn plot RUN_DIR``: redraw the figures; ``efcn summary RUN_DIR``: print the results table.
-* ``efcn merge RUN_DIRS... -o OUT``: join runs that split the relax times.
+* ``efcn merge RUN_DIRS... -o OUT``: join runs that split the seeds and relax times.
 * ``efcn demo``: embed a conv, check equivalence, print the memory table.
+* ``efcn plan``: the per-rank memory plan of a model's eFCN sharded over N ranks.
+* ``efcn export CKPT_DIR -o FILE``: a sharded (``--fsdp``) checkpoint as one state_dict file.
 
-Run ``efcn relax`` under ``torchrun --nproc_per_node N`` for data parallelism (gloo on CPU, NCCL on GPU),
-or with ``--parallel seeds`` to share the seeds out over the ranks.
+Run ``efcn relax`` under ``torchrun --nproc_per_node N`` for data parallelism (gloo on CPU, NCCL on GPU);
+``--fsdp`` shards the eFCN layers across the ranks (FSDP2), ``--parallel seeds`` shares the seeds out.
 """
 
 from __future__ import annotations
@@ -160,6 +162,12 @@ def _add_relax(sub) -> argparse.ArgumentParser:
                         "seeds out (rank r trains seeds[r::world] alone, with single-process numbers)")
     g.add_argument("--threads", type=_positive(int), default=None,
                    help="CPU threads per process (default: torch's; 1 avoids oversubscription on a busy machine)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard the eFCN layers across the torchrun ranks (FSDP2) for models past one device; "
+                        "checkpoints become sharded directories (torch.distributed.checkpoint) that --resume "
+                        "loads with any number of ranks (one process: unsharded)")
+    g.add_argument("--param-dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="with --fsdp: the dtype layers are gathered and computed in (mixed precision)")
     g.add_argument("--out", "-o", default="runs/relax", help="run directory")
     g.add_argument("--resume", action="store_true", help="continue the run in --out (or start it when empty)")
     g.add_argument("--from-older", action="store_true",
@@ -197,7 +205,7 @@ def _relax(args) -> int:
                       weight_decay=args.weight_decay, batch_size=args.batch_size,
                       eval_batch_size=args.eval_batch_size, seed=args.seed, seeds=_seeds(args), last_k=args.last_k,
                       device=args.device, backend=args.backend, threads=args.threads,
-                      parallel=args.parallel)
+                      parallel=args.parallel, fsdp=args.fsdp, param_dtype=args.param_dtype)
     run = dict(out=args.out, resume=args.resume, force=args.force, quiet=args.quiet, plots=args.plots)
     try:
         res = relax(cfg, from_older=args.from_older, **run)
@@ -227,6 +235,38 @@ def _summary(args) -> int:
     from .results import summarize
 
     print(summarize(args.run_dir, last_k=args.last_k)["markdown"], end="")
+    return 0
+
+
+def _plan(args) -> int:
+    from .models import get_model
+    from .protocol import RunError
+    from .sharding import DTYPES
+    from .summary import summary
+
+    kw = dict(in_channels=args.in_channels, image_size=args.image_size, num_classes=args.num_classes)
+    if args.width is not None:
+        kw["width"] = args.width
+    try:
+        model = get_model(args.model, **kw)
+        s = summary(model, (args.in_channels, args.image_size, args.image_size), halo=args.halo,
+                    world_size=args.world_size, optimizer=None if args.optimizer == "none" else args.optimizer,
+                    dtype=DTYPES[args.dtype], param_dtype=DTYPES[args.param_dtype] if args.param_dtype else None)
+    except (ValueError, KeyError) as e:
+        raise RunError(f"{args.model}: {e}") from e
+    print(s if args.layers else s.plan)
+    if args.device_memory is not None:
+        need = s.plan.needed_world_size(int(args.device_memory * 2**30))
+        print(f"ranks needed with {args.device_memory:g} GiB each: "
+              + (str(need) if need is not None else "none (one layer alone does not fit: FSDP cannot split it)"))
+    return 0
+
+
+def _export(args) -> int:
+    from .sharding import export_checkpoint
+
+    meta = export_checkpoint(args.checkpoint, args.out)
+    print(f"{args.out}: full state_dict of {args.checkpoint} ({meta})")
     return 0
 
 
@@ -263,6 +303,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--last-k", type=_positive(int), default=None,
                    help="final accuracy: mean of the last K epochs (default: the run's --last-k)")
     p.set_defaults(func=_summary)
+    p = sub.add_parser("plan", help="per-rank memory of a model's eFCN sharded by FSDP over N ranks")
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--width", type=_positive(int), default=None)
+    p.add_argument("--in-channels", type=_positive(int), default=3)
+    p.add_argument("--image-size", type=_positive(int), default=32)
+    p.add_argument("--num-classes", type=_positive(int), default=10)
+    p.add_argument("--halo", type=_halo, default="full")
+    p.add_argument("--world-size", type=_positive(int), default=1)
+    p.add_argument("--optimizer", choices=("none", "sgd", "adam"), default="sgd", help="sgd: with momentum")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--param-dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    p.add_argument("--device-memory", type=_positive(float), default=None,
+                   help="GiB per device: print the ranks needed")
+    p.add_argument("--layers", action="store_true", help="also print the per-layer table")
+    p.set_defaults(func=_plan)
+    p = sub.add_parser("export", help="convert a sharded (--fsdp) checkpoint directory into one state_dict file")
+    p.add_argument("checkpoint", help="a checkpoints/seedS/ARM.dcp directory")
+    p.add_argument("--out", "-o", required=True)
+    p.set_defaults(func=_export)
     p = sub.add_parser("merge", help="join runs that split the seeds and relax times into one run directory")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", "-o", required=True)
@@ -279,7 +338,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (RunError, DataError, FloatingPointError, MemoryError) as e:
+    except (RunError, DataError, FloatingPointError, MemoryError, FileNotFoundError) as e:
         print(f"efcn {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -106,8 +106,10 @@ def _block_shape_for(block_shape: BlockShape, path: str):
     return block_shape
 
 
-def _swap(model: nn.Module, input_shape, make: Callable[[nn.Conv2d, Tuple[int, int], str], nn.Module]) -> nn.Module:
-    """Replace (in place) every probed conv of ``model`` by ``make(conv, (H, W), path)``."""
+def _swap(model: nn.Module, input_shape, make: Callable[[nn.Conv2d, Tuple[int, int], str], nn.Module],
+          finish: Optional[Callable[[nn.Module], object]] = None) -> nn.Module:
+    """Replace (in place) every probed conv of ``model`` by ``make(conv, (H, W), path)``, then
+    ``finish(new)`` (before the next one is built)."""
     sizes = conv_input_sizes(model, input_shape)
     convs = _conv_paths(model)
     root = None
@@ -118,6 +120,8 @@ def _swap(model: nn.Module, input_shape, make: Callable[[nn.Conv2d, Tuple[int, i
         new.train(conv.training)
         if not conv.weight.requires_grad:
             new.requires_grad_(False)
+        if finish is not None:
+            finish(new)
         for path in paths:
             if path == "<model>":
                 root = new
@@ -128,7 +132,7 @@ def _swap(model: nn.Module, input_shape, make: Callable[[nn.Conv2d, Tuple[int, i
 
 
 def embed(model: nn.Module, input_shape, halo: Halo = 0, block_shape: BlockShape = None,
-          backend: Optional[str] = None) -> nn.Module:
+          backend: Optional[str] = None, finish_layer: Optional[Callable[[SparseEFCN], object]] = None) -> nn.Module:
     """A copy of ``model`` computing the same function with every ``nn.Conv2d`` replaced by its eFCN.
 
     Args:
@@ -138,6 +142,8 @@ def embed(model: nn.Module, input_shape, halo: Halo = 0, block_shape: BlockShape
             starting at zero) or ``"full"`` (every block: the paper's eFCN).
         block_shape: None (automatic), one (BR, BC) for all layers, or a dict path -> (BR, BC).
         backend: kernel backend of the new layers (None: the global default).
+        finish_layer: called on each new layer as soon as it is built, e.g.
+            ``efcn_sparse.sharding.shard_layer``: then one whole layer at a time exists on this rank.
 
     Each ``SparseEFCN`` is built for the input size its conv sees (shape probe); the outputs are
     channels_last views, so a ``forward`` that flattens with ``x.view(B, -1)`` must use
@@ -146,7 +152,7 @@ def embed(model: nn.Module, input_shape, halo: Halo = 0, block_shape: BlockShape
     halo = check_halo(halo)
     model = copy.deepcopy(model)
     return _swap(model, input_shape, lambda conv, size, path: SparseEFCN.from_conv(
-        conv, size, halo=halo, block_shape=_block_shape_for(block_shape, path), backend=backend))
+        conv, size, halo=halo, block_shape=_block_shape_for(block_shape, path), backend=backend), finish_layer)
 
 
 def _fresh_efcn(conv: nn.Conv2d, size, halo: Halo, block_shape, backend, generator) -> SparseEFCN:
@@ -184,7 +190,7 @@ def _fresh_efcn(conv: nn.Conv2d, size, halo: Halo, block_shape, backend, generat
 
 def fcn_like(model: nn.Module, input_shape, halo: Halo = "full", block_shape: BlockShape = None,
              backend: Optional[str] = None, generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
-             reset_others: bool = True) -> nn.Module:
+             reset_others: bool = True, finish_layer: Optional[Callable[[SparseEFCN], object]] = None) -> nn.Module:
     """The eFCN structure of ``model`` with fresh weights: the paper's "FCN of the same architecture".
 
     Each conv becomes a ``SparseEFCN`` with the layout ``embed`` would give it, initialised as
@@ -192,7 +198,7 @@ def fcn_like(model: nn.Module, input_shape, halo: Halo = "full", block_shape: Bl
     +-1/sqrt(fan_in)). With ``reset_others`` every other module with ``reset_parameters`` (Linear,
     BatchNorm, ...) is re-initialised too, so the result is a network trained from scratch.
     Randomness: ``seed`` or ``generator`` make it reproducible without touching the global RNG;
-    with neither, the global RNG is used.
+    with neither, the global RNG is used. ``finish_layer``: as in :func:`embed`.
     """
     halo = check_halo(halo)
     if generator is None and seed is not None:
@@ -208,4 +214,4 @@ def fcn_like(model: nn.Module, input_shape, halo: Halo = "full", block_shape: Bl
                 if not isinstance(m, (nn.Conv2d, SparseEFCN)) and callable(getattr(m, "reset_parameters", None)):
                     m.reset_parameters()
         return _swap(model, input_shape, lambda conv, size, path: _fresh_efcn(
-            conv, size, halo, _block_shape_for(block_shape, path), backend, generator))
+            conv, size, halo, _block_shape_for(block_shape, path), backend, generator), finish_layer)

@@ -18,7 +18,7 @@ from torch import Tensor
 from . import backends
 from .conv_geometry import ConvGeometry, Halo, build_layout, check_halo, embed_bias, embed_weight
 from .layout import INDEX_FIELDS, MASK_FIELDS, BSRLayout, memory_budget_bytes
-from .ops import linear
+from .ops import autocast_dtype, linear
 
 __all__ = ["SparseEFCN"]
 
@@ -34,6 +34,11 @@ class SparseEFCN(nn.Module):
         in_shape / out_shape: optional (C, H, W) of the input and output images; with them the
             layer takes and returns images, else flat features.
         backend: kernel backend (``None``: the global default, see ``efcn_sparse.backends``).
+
+    ``accumulate_grad`` (attribute, default False): when True and ``values.grad`` exists, the
+    backward adds dW into it in place instead of allocating a fresh [nnzb, BR, BC] gradient
+    (gradient accumulation, ``zero_grad(set_to_none=False)``); not with DDP/FSDP or gradient hooks
+    on ``values`` (see :func:`efcn_sparse.ops.linear`).
     """
 
     def __init__(self, layout: BSRLayout, values: Optional[Tensor] = None, bias=None,
@@ -52,6 +57,8 @@ class SparseEFCN(nn.Module):
         self.backend = backends.check_name(backend) if backend is not None else None
         self.geometry: Optional[ConvGeometry] = None
         self.halo: Optional[Halo] = None
+        # add dW into an existing values.grad in place (no dW temporary); see ops.linear
+        self.accumulate_grad = False
         for f in INDEX_FIELDS:
             self.register_buffer(f, getattr(layout, f).to(device=device))
         for f in MASK_FIELDS:
@@ -185,12 +192,12 @@ class SparseEFCN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
-        if x.dtype != self.values.dtype:
+        if x.dtype != self.values.dtype and autocast_dtype(x.device) is None:
             raise TypeError(f"input dtype {x.dtype} does not match the layer's dtype {self.values.dtype}")
         if x.device != self.values.device:
             raise RuntimeError(f"input on device {x.device}, but the layer is on device {self.values.device}")
         flat, image = self._flatten(x)
-        y = linear(flat, self.layout, self.values, self.bias, backend=self.backend)
+        y = linear(flat, self.layout, self.values, self.bias, backend=self.backend, accumulate_grad=self.accumulate_grad)
         if not image:
             return y
         C, Ho, Wo = self.out_shape

@@ -3,6 +3,7 @@
 * ``efcn_sparse::bsr_linear``      Y  = X W^T + b                 (differentiable)
 * ``efcn_sparse::bsr_grad_input``  dX = dY W, via the transpose metadata (no copy of values)
 * ``efcn_sparse::bsr_grad_weight`` dW = (dY^T X) on stored blocks only, times the element mask
+* ``efcn_sparse::bsr_grad_weight_acc`` out += dW in place (gradient accumulation without a dW temporary)
 
 W is the (M, N) matrix of a :class:`~efcn_sparse.layout.BSRLayout` with ``values``
 [nnzb, BR, BC]. Values at masked entries must be zero (``SparseEFCN`` keeps them so: their
@@ -20,7 +21,7 @@ from torch import Tensor
 from . import backends
 from .layout import BSRLayout
 
-__all__ = ["bsr_linear", "bsr_grad_input", "bsr_grad_weight", "linear"]
+__all__ = ["bsr_linear", "bsr_grad_input", "bsr_grad_weight", "bsr_grad_weight_acc", "linear", "autocast_dtype"]
 
 
 def _check_operand(name: str, t: Tensor, cols: int, values: Tensor) -> None:
@@ -59,8 +60,9 @@ def bsr_linear(
     mask_patterns: Optional[Tensor],
     M: int,
     backend: str,
+    accumulate_grad: bool = False,
 ) -> Tensor:
-    """Y [B, M] = X [B, N] W^T + bias."""
+    """Y [B, M] = X [B, N] W^T + bias. ``accumulate_grad``: see :func:`linear`."""
     _check_operand("input", x, x.shape[1], values)
     _check_blocks("input", x.shape[1], values.shape[2], ccol_ptr.numel() - 1)
     _check_blocks("output", M, values.shape[1], crow_ptr.numel() - 1)
@@ -72,15 +74,31 @@ def bsr_linear(
 
 
 @bsr_linear.register_fake
-def _(x, values, bias, crow_ptr, col_idx, row_idx, ccol_ptr, t_row_idx, t_perm, mask_ids, mask_patterns, M, backend):
+def _(x, values, bias, crow_ptr, col_idx, row_idx, ccol_ptr, t_row_idx, t_perm, mask_ids, mask_patterns, M, backend,
+      accumulate_grad=False):
     return x.new_empty(x.shape[0], M)
 
 
 def _setup_context(ctx, inputs, output):
-    x, values, bias, crow_ptr, col_idx, row_idx, ccol_ptr, t_row_idx, t_perm, mask_ids, mask_patterns, M, backend = inputs
+    (x, values, bias, crow_ptr, col_idx, row_idx, ccol_ptr, t_row_idx, t_perm, mask_ids, mask_patterns, M,
+     backend) = inputs[:13]
     ctx.save_for_backward(x, values, row_idx, col_idx, ccol_ptr, t_row_idx, t_perm, mask_ids, mask_patterns)
     ctx.has_bias = bias is not None
     ctx.backend = backend
+    # in-place accumulation needs the parameter itself (not an autocast copy) and eager autograd
+    ctx.accumulate_grad = (len(inputs) > 13 and bool(inputs[13]) and values.is_leaf and values.requires_grad
+                           and not torch.compiler.is_compiling())
+
+
+def _accumulates_in_place(ctx, values: Tensor, dy: Tensor) -> bool:
+    """Whether dW can go straight into ``values.grad``: asked for, a plain existing gradient of dy's
+    dtype, no graph of the backward (create_graph) and no Python hooks that must see dW."""
+    if not ctx.accumulate_grad:
+        return False
+    g = values.grad
+    return (g is not None and not torch.is_grad_enabled() and g.dtype == dy.dtype
+            and g.device == dy.device and g.layout == torch.strided and g.is_contiguous() and g.shape == values.shape
+            and not values._backward_hooks and not getattr(values, "_post_accumulate_grad_hooks", None))
 
 
 def _backward(ctx, dy):
@@ -90,11 +108,14 @@ def _backward(ctx, dy):
     if ctx.needs_input_grad[0]:
         dx = bsr_grad_input(dy, values, ccol_ptr, t_row_idx, t_perm, x.shape[1], ctx.backend)
     if ctx.needs_input_grad[1]:
-        dw = bsr_grad_weight(dy, x, row_idx, col_idx, mask_ids, mask_patterns, values.shape[1], values.shape[2],
-                             ctx.backend)
+        if _accumulates_in_place(ctx, values, dy):
+            bsr_grad_weight_acc(values.grad, dy, x, row_idx, col_idx, mask_ids, mask_patterns, ctx.backend)
+        else:
+            dw = bsr_grad_weight(dy, x, row_idx, col_idx, mask_ids, mask_patterns, values.shape[1], values.shape[2],
+                                 ctx.backend)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         db = dy.sum(0)
-    return dx, dw, db, None, None, None, None, None, None, None, None, None, None
+    return dx, dw, db, None, None, None, None, None, None, None, None, None, None, None
 
 
 bsr_linear.register_autograd(_backward, setup_context=_setup_context)
@@ -138,11 +159,75 @@ def _(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC, backend):
     return dy.new_empty(row_idx.shape[0], BR, BC)
 
 
+@torch.library.custom_op("efcn_sparse::bsr_grad_weight_acc", mutates_args=("out",))
+def bsr_grad_weight_acc(out: Tensor, dy: Tensor, x: Tensor, row_idx: Tensor, col_idx: Tensor,
+                        mask_ids: Optional[Tensor], mask_patterns: Optional[Tensor], backend: str) -> None:
+    """out [nnzb, BR, BC] += dW in place (as ``out += bsr_grad_weight(...)``, masked entries of out
+    left as they are), without a dW temporary on backends that fuse it (triton, cuda, reference)."""
+    if dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0]:
+        raise ValueError(f"grad_weight: expected dy [B, M] and x [B, N] with one batch, got {tuple(dy.shape)} and {tuple(x.shape)}")
+    if dy.dtype != x.dtype or out.dtype != dy.dtype:
+        raise TypeError(f"grad_weight: dy {dy.dtype}, x {x.dtype} and out {out.dtype} must share one dtype")
+    if out.dim() != 3 or out.shape[0] != row_idx.numel() or not out.is_contiguous():
+        raise ValueError(f"grad_weight: out must be a contiguous [{row_idx.numel()}, BR, BC] tensor, got {tuple(out.shape)}")
+    if dy.shape[0] == 0:
+        return
+    BR, BC = out.shape[1], out.shape[2]
+    k = _kernels(backend, dy.device, op="grad_weight", dtype=dy.dtype, batch=dy.shape[0], block_shape=(BR, BC))
+    fused = getattr(k, "grad_weight_acc", None)
+    if fused is not None:
+        fused(out, dy.contiguous(), x.contiguous(), row_idx, col_idx, mask_ids, mask_patterns)
+    else:
+        out += k.grad_weight(dy.contiguous(), x.contiguous(), row_idx, col_idx, mask_ids, mask_patterns, BR, BC)
+
+
+@bsr_grad_weight_acc.register_fake
+def _(out, dy, x, row_idx, col_idx, mask_ids, mask_patterns, backend):
+    return None
+
+
+# --------------------------------------------------------------------------- autocast
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` computes linear layers in on ``device``, or None outside autocast."""
+    kind = torch.device(device).type
+    if kind not in ("cpu", "cuda", "xpu", "hpu", "mps"):
+        return None
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    if kind == "cpu":
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    return torch.get_autocast_gpu_dtype() if kind == "cuda" and torch.is_autocast_enabled() else None
+
+
+def _autocast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    # as autocast's own casts: floating tensors other than float64 go to the autocast dtype; the
+    # cast is differentiable, so float32 master values receive float32 gradients
+    if t is None or t.dtype == dtype or t.dtype not in _AUTOCAST_ELIGIBLE:
+        return t
+    return t.to(dtype)
+
+
 # --------------------------------------------------------------------------- convenience
 def linear(x: Tensor, layout: BSRLayout, values: Tensor, bias: Optional[Tensor] = None,
-           backend: Optional[str] = None) -> Tensor:
-    """``x [B, N] @ W^T + bias`` for W given by ``layout`` and ``values``; differentiable in all three."""
+           backend: Optional[str] = None, accumulate_grad: bool = False) -> Tensor:
+    """``x [B, N] @ W^T + bias`` for W given by ``layout`` and ``values``; differentiable in all three.
+
+    Inside ``torch.autocast`` it computes in the autocast dtype, as ``F.linear`` does: ``x``,
+    ``values`` and ``bias`` are cast (float64 is left alone) and the output has that dtype.
+
+    ``accumulate_grad=True`` (eager autograd only): when ``values`` is a leaf whose ``.grad``
+    already exists (gradient accumulation, ``zero_grad(set_to_none=False)``), the backward adds
+    dW into it in place, with no dW temporary, and hands autograd no gradient for ``values``;
+    otherwise (no ``.grad`` yet, an autocast copy, torch.compile, create_graph, Python hooks on
+    ``values``) it does what ``False`` does. Hooks on ``values``' gradient accumulator (DDP,
+    FSDP) do not fire for the in-place path: use it only without them."""
     M, N = layout.shape
+    cast = autocast_dtype(x.device) if isinstance(x, Tensor) else None
+    if cast is not None:
+        x, values, bias = _autocast(x, cast), _autocast(values, cast), _autocast(bias, cast)
     if values.shape[1:] != torch.Size(layout.block_shape) or values.shape[0] != layout.nnzb:
         layout.check_values(values)
     _check_operand("input", x, N, values)
@@ -150,4 +235,4 @@ def linear(x: Tensor, layout: BSRLayout, values: Tensor, bias: Optional[Tensor] 
         raise ValueError(f"bias: expected shape ({M},), got {tuple(bias.shape)}")
     return bsr_linear(x, values, bias, layout.crow_ptr, layout.col_idx, layout.row_idx, layout.ccol_ptr,
                       layout.t_row_idx, layout.t_perm, layout.mask_ids, layout.mask_patterns, M,
-                      backends.check_name(backend or backends.get_default_backend()))
+                      backends.check_name(backend or backends.get_default_backend()), accumulate_grad)

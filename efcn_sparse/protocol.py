@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 
 from . import results as R
+from . import sharding as S
 from . import training as T
 from .data import DataInfo, load_data
 from .results import CSV_FIELDS, RunError, load_run, summarize
@@ -99,6 +100,8 @@ class RelaxConfig:
     backend: Optional[str] = None
     threads: Optional[int] = None  # torch CPU threads (None: torch's default)
     parallel: str = "data"  # under torchrun: "data" (DDP) or "seeds" (rank r trains seeds[r::world] alone)
+    fsdp: bool = False  # FCN-space arms sharded by FSDP2 (efcn_sparse.sharding), checkpoints through DCP
+    param_dtype: Optional[str] = None  # with fsdp: the dtype layers are gathered and computed in
 
     def validate(self) -> "RelaxConfig":
         from .backends import CHOICES
@@ -157,8 +160,16 @@ class RelaxConfig:
             bad(f"--last-k must be >= 1, got {self.last_k}")
         if self.parallel not in PARALLEL:
             bad(f"--parallel must be one of {', '.join(PARALLEL)}, got {self.parallel!r}")
+        if self.parallel == "seeds" and self.fsdp:
+            bad("--fsdp shards every arm over the ranks and --parallel seeds gives each rank its own seeds: "
+                "choose one")
         if self.backend is not None and self.backend not in CHOICES:
             bad(f"--backend must be one of {', '.join(CHOICES)}, got {self.backend!r}")
+        from .sharding import DTYPES
+
+        if self.param_dtype is not None and (not self.fsdp or self.param_dtype not in DTYPES):
+            bad(f"--param-dtype needs --fsdp and one of {', '.join(DTYPES)}, got {self.param_dtype!r}"
+                + ("" if self.fsdp else " without --fsdp"))
         return self
 
     def _validate_seeds(self, bad) -> None:
@@ -394,14 +405,15 @@ class _Run:
         from .embedding import embed
 
         c = self.cfg
-        return embed(cnn, self.data_info.input_shape, halo=c.halo, block_shape=c.block_shape, backend=c.backend)
+        return embed(cnn, self.data_info.input_shape, halo=c.halo, block_shape=c.block_shape, backend=c.backend,
+                     finish_layer=self.layer_sharder())
 
     def fresh_fcn(self) -> nn.Module:
         from .embedding import fcn_like
 
         c = self.cfg
         return fcn_like(self.new_cnn(), self.data_info.input_shape, halo=c.halo, block_shape=c.block_shape,
-                        backend=c.backend, seed=T.epoch_seed(self.seed, "fcn", -1))
+                        backend=c.backend, seed=T.epoch_seed(self.seed, "fcn", -1), finish_layer=self.layer_sharder())
 
     # ---------------------------------------------------------------- bookkeeping
     def ckpt(self, name: str, seed: Optional[int] = None) -> str:
@@ -409,6 +421,9 @@ class _Run:
 
     def label(self, arm: str) -> str:
         return arm if len(self.all_seeds) == 1 else f"s{self.seed} {arm}"
+
+    def sharded_ckpt(self, name: str, seed: Optional[int] = None) -> str:
+        return os.path.join(self.ckpt_dir, f"seed{self.seed if seed is None else seed}", f"{name}.dcp")
 
     def save(self, obj, name: str) -> None:
         if self.dist.is_main:
@@ -433,7 +448,10 @@ class _Run:
         rows = R.read_jsonl(os.path.join(self.out, "metrics.jsonl"), self.all_seeds[0])
         done_epochs: Dict[Tuple[int, str], int] = {}
         for seed, arm in {(r["seed"], r["arm"]) for r in rows}:
-            state = self.load_arm_state(arm, seed)
+            if self.cfg.fsdp and arm != "cnn":
+                state = S.checkpoint_meta(self.sharded_ckpt(arm, seed))
+            else:
+                state = self.load_arm_state(arm, seed)
             done_epochs[(seed, arm)] = state["epoch"] if state is not None else -1
         self.rows = [r for r in rows if r["epochs_trained"] <= done_epochs[(r["seed"], r["arm"])]]
         if self.group.is_main:
@@ -491,11 +509,11 @@ class _Run:
                "train_loss": train["loss"], "train_acc": train["acc"], "test_loss": test["loss"],
                "test_acc": test["acc"]}
         if kind != "cnn":
-            from .subspace import deviation, to_cnn
+            from .subspace import deviation
 
             dev = deviation(model)
             tot = dev["total"]
-            proj = T.evaluate(to_cnn(model), self.xte, self.yte, c.eval_batch_size, d)
+            proj = T.evaluate(self.to_cnn(model), self.xte, self.yte, c.eval_batch_size, d)
             row.update(proj_test_loss=proj["loss"], proj_test_acc=proj["acc"], deviation=tot["deviation"],
                        offlocal_ratio=tot["offlocal_ratio"], sharing_deviation=tot["sharing_deviation"],
                        bias_deviation=tot["bias_deviation"], weight_norm=tot["weight_norm"],
@@ -510,16 +528,13 @@ class _Run:
                 snapshots: Sequence[int] = ()) -> None:
         c, d = self.cfg, self.dist
         d.barrier()
-        model = make()
+        model = self.prepare(make(), kind)
         opt = T.make_optimizer(model.parameters(), c.optimizer, c.lr, c.momentum, c.weight_decay)
         start = 0
-        state = self.load_arm_state(arm)
+        state = self.load_arm(arm, kind, model, opt)
         if state is not None:
-            model.load_state_dict(state["model"])
             if state["done"]:
                 return
-            if state.get("optimizer") is not None:
-                opt.load_state_dict(state["optimizer"])
             start = state["epoch"]
             if state.get("from_older"):  # replace the corrupt checkpoint now
                 self.save_arm(arm, model, opt, start, start >= n_epochs)
@@ -531,7 +546,7 @@ class _Run:
             self.save_arm(arm, model, opt, 0, n_epochs == 0)
         if start >= n_epochs:
             return
-        net = T.wrap_ddp(model, d)
+        net = model if S.is_sharded(model) else T.wrap_ddp(model, d)
         bar = self.rep.bar(n_epochs, self.label(arm), initial=start)
         for k in range(start + 1, n_epochs + 1):
             T.reset_peak_memory(d.device)
@@ -563,10 +578,52 @@ class _Run:
                            "again, and --resume") from None
 
     def save_arm(self, arm: str, model: nn.Module, opt, epoch: int, done: bool) -> None:
+        if self.cfg.fsdp and arm != "cnn":  # every rank writes its shard
+            S.save_checkpoint(self.sharded_ckpt(arm), model, None if done else opt, {"epoch": epoch, "done": done})
+            return
         state = {"model": model.state_dict(), "epoch": epoch, "done": done}
         if not done:
             state["optimizer"] = opt.state_dict()
         self.save(state, arm)
+
+    # ---------------------------------------------------------------- sharding (cfg.fsdp: FCN-space arms)
+    def layer_sharder(self) -> Optional[Callable[[nn.Module], object]]:
+        """When sharding: each eFCN layer is sharded as soon as it is built (one whole layer at a time)."""
+        if not (self.cfg.fsdp and self.dist.enabled):
+            if self.cfg.param_dtype is not None:
+                warnings.warn("--param-dtype applies to sharded layers: one process computes in the stored dtype")
+            return None
+        return lambda layer: S.shard_layer(layer, param_dtype=self.cfg.param_dtype)
+
+    def prepare(self, model: nn.Module, kind: str) -> nn.Module:
+        """FSDP2 over the root too when sharding (the CNN arm stays replicated: it is small)."""
+        if not (self.cfg.fsdp and kind != "cnn" and self.dist.enabled):
+            return model
+        return S.shard(model, param_dtype=self.cfg.param_dtype)
+
+    def load_arm(self, arm: str, kind: str, model: nn.Module, opt) -> Optional[dict]:
+        """Load the arm's checkpoint into model and optimizer: its {"epoch", "done"}, None when none."""
+        if self.cfg.fsdp and kind != "cnn":
+            path = self.sharded_ckpt(arm)
+            meta = S.checkpoint_meta(path)
+            if meta is None:
+                return None
+            return S.load_checkpoint(path, model, None if meta["done"] else opt)
+        state = self.load_arm_state(arm)
+        if state is None:
+            return None
+        model.load_state_dict(state["model"])
+        if not state["done"] and state.get("optimizer") is not None:  # none in a snapshot (from_older)
+            opt.load_state_dict(state["optimizer"])
+        return state
+
+    def to_cnn(self, model: nn.Module) -> nn.Module:
+        from .subspace import to_cnn
+
+        if not S.is_sharded(model):
+            return to_cnn(model)
+        with torch.random.fork_rng(devices=[self.dist.device] if self.dist.device.type == "cuda" else []):
+            return S.unsharded_cnn(model, self.new_cnn())
 
     # ---------------------------------------------------------------- the protocol
     def run(self) -> None:
@@ -668,7 +725,15 @@ def relax(config: Optional[RelaxConfig] = None, out: str = "runs/relax", resume:
                 raise RunError(str(e)) from e
         run = _Run(cfg, out, info, quiet, model_fn, from_older=from_older)
         run.load_data()
-        run.new_cnn()  # a bad model fails here, before anything is written
+        cnn = run.new_cnn()  # a bad model fails here, before anything is written
+        try:  # and a model that cannot fit the device (or a layer FSDP cannot split), or no FSDP2 here
+            if cfg.fsdp:
+                S.mixed_precision(cfg.param_dtype)
+            S.check_plan(cnn, run.data_info.input_shape, cfg.halo, run.dist.world, cfg.fsdp,
+                         {"sgd": "sgd" if cfg.momentum > 0 else None, "adam": "adam"}[cfg.optimizer],
+                         param_dtype=S.DTYPES.get(cfg.param_dtype), block_shape=cfg.block_shape, device=info.device)
+        except (MemoryError, S.ShardingError) as e:
+            raise RunError(str(e)) from e
         if info.is_main:
             if force:
                 R.clear_artifacts(out)

@@ -39,7 +39,7 @@ _KEYS = ("seed", "n_seeds", "arm", "kind", "t_w", "epoch", "epochs_trained")
 ARTIFACTS = ("config.json", "metrics.jsonl", "metrics.csv", "summary.md", "figures", "checkpoints")
 # config fields that may differ between runs that are merged
 MERGE_FREE = {"device", "backend", "data_dir", "download", "eval_batch_size", "threads", "relax_times", "n_relax",
-              "fcn", "seed", "seeds", "last_k", "parallel"}
+              "fcn", "seed", "seeds", "last_k", "parallel", "fsdp"}
 
 
 # ---------------------------------------------------------------------------------------- files

@@ -360,6 +360,13 @@ def _maps(m: SparseEFCN) -> _Maps:
     return maps
 
 
+def _full(t: Tensor) -> Tensor:
+    """``t`` detached; a DTensor (a layer sharded by FSDP, see ``efcn_sparse.sharding``) is gathered
+    whole first (a collective: every rank must get here)."""
+    t = t.detach()
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def _efcn_layers(model: nn.Module):
     """(path, module) of every SparseEFCN with a geometry, each module once."""
     return [(p or "<model>", m) for p, m in model.named_modules()
@@ -371,12 +378,12 @@ def cnn_kernel(m: SparseEFCN):
     """(weight [Cout, Cin/g, KH, KW], bias [Cout] or None) of the projection of ``m`` onto the CNN subspace."""
     mp = _maps(m)
     with torch.no_grad():
-        K, _ = mp.kernel(m.values.detach(), _Workspace())
+        K, _ = mp.kernel(_full(m.values), _Workspace())
         KH, KW = mp.geo.kernel_size
         w = K.reshape(KH, KW, mp.Cout, mp.cig).permute(2, 3, 0, 1).to(m.values.dtype).contiguous()
         b = None
         if m.bias is not None:
-            b = m.bias.detach().double().reshape(-1, mp.Cout).mean(0).to(m.bias.dtype)
+            b = _full(m.bias).double().reshape(-1, mp.Cout).mean(0).to(m.bias.dtype)
     return w, b
 
 
@@ -384,7 +391,7 @@ def project_values(m: SparseEFCN):
     """(values, bias) of the orthogonal projection of ``m``'s weights onto the CNN subspace."""
     mp = _maps(m)
     with torch.no_grad():
-        v = m.values.detach()
+        v = _full(m.values)
         ws = _Workspace()
         Ks = mp.to_space(mp.kernel(v, ws)[0])
         out = torch.zeros_like(v)
@@ -392,7 +399,7 @@ def project_values(m: SparseEFCN):
             mp.scatter(out, u0, u1, mp.embed_local(Ks, u0, u1, ws), ws)
         b = None
         if m.bias is not None:
-            b = m.bias.detach().double().reshape(-1, mp.Cout).mean(0).repeat(m.bias.numel() // mp.Cout).to(m.bias.dtype)
+            b = _full(m.bias).double().reshape(-1, mp.Cout).mean(0).repeat(m.bias.numel() // mp.Cout).to(m.bias.dtype)
     return out, b
 
 
@@ -400,7 +407,7 @@ def _layer_stats(m: SparseEFCN, ws: Optional["_Workspace"] = None) -> dict:
     """Sums of squares (float64 tensors) of one layer: total, local, off-local (also by distance),
     residual of the local part, bias and its residual."""
     mp = _maps(m)
-    v = m.values.detach()
+    v = _full(m.values)
     dev = v.device
     lay = m.layout
     zero = torch.zeros((), dtype=torch.float64, device=dev)
@@ -442,7 +449,7 @@ def _layer_stats(m: SparseEFCN, ws: Optional["_Workspace"] = None) -> dict:
 
     bias2 = bias_res = zero.clone()
     if m.bias is not None:
-        b = m.bias.detach().double().reshape(-1, mp.Cout)
+        b = _full(m.bias).double().reshape(-1, mp.Cout)
         bias2 = (b ** 2).sum()
         bias_res = ((b - b.mean(0)) ** 2).sum()
     return dict(total=local2 + off, local=local2, off=off, share=resid, by_dist=by_dist, bias=bias2, bias_res=bias_res)

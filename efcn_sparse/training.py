@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 __all__ = ["OPTIMIZERS", "make_optimizer", "epoch_seed", "DistInfo", "setup_distributed", "cleanup_distributed",
            "wrap_ddp", "train_epoch", "evaluate", "save_checkpoint", "load_checkpoint", "peak_memory_mb",
-           "reset_peak_memory", "resolve_device"]
+           "reset_peak_memory", "resolve_device", "rank_device"]
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -65,6 +65,23 @@ def resolve_device(device: Optional[str]) -> torch.device:
     if d.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but CUDA is not available here (use --device cpu)")
     return d
+
+
+def rank_device(base: torch.device, local_rank: int, device_count: Optional[int] = None) -> torch.device:
+    """The device of the rank with torchrun's ``LOCAL_RANK`` on a node: CPU stays CPU; CUDA is GPU
+    ``local_rank``, or GPU 0 when each process sees a single GPU (SLURM's ``--gpus-per-task=1``
+    sets ``CUDA_VISIBLE_DEVICES`` per task)."""
+    if base.type != "cuda":
+        return base
+    n = torch.cuda.device_count() if device_count is None else device_count
+    if local_rank < 0:
+        raise ValueError(f"LOCAL_RANK must be >= 0, got {local_rank}")
+    if local_rank < n:
+        return torch.device("cuda", local_rank)
+    if n == 1:
+        return torch.device("cuda", 0)
+    raise ValueError(f"LOCAL_RANK={local_rank}, but this process sees {n} GPU(s): start at most {n} processes per "
+                     "node (torchrun --nproc_per_node), or give each process its own GPU")
 
 
 @dataclass
@@ -104,12 +121,17 @@ def setup_distributed(device: Optional[str] = None) -> DistInfo:
     if world <= 1:
         return DistInfo(device=base)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    base = rank_device(base, local)
+    kw = {}
     if base.type == "cuda":
-        base = torch.device("cuda", local)
         torch.cuda.set_device(base)
+        kw["device_id"] = base  # binds NCCL (barriers, collectives) to this rank's GPU from the start
     here = False
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if base.type == "cuda" else "gloo")
+        try:
+            dist.init_process_group(backend="nccl" if base.type == "cuda" else "gloo", **kw)
+        except TypeError:  # torch < 2.3 has no device_id
+            dist.init_process_group(backend="nccl" if base.type == "cuda" else "gloo")
         here = True
     return DistInfo(rank=rank, world=world, local_rank=local, device=base, initialized_here=here)
 
@@ -203,8 +225,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     n = x.shape[0]
     idx = _local_part(torch.arange(n), info)
     tot_loss = tot_correct = 0.0
-    for start in range(0, idx.numel(), batch_size):
+    # the same number of forwards on every rank (a sharded model gathers its layers collectively);
+    # a rank out of examples runs one with weight 0
+    for start in range(0, -(-n // info.world), batch_size):
         b = idx[start:start + batch_size].to(x.device)
+        if b.numel() == 0:
+            model(x[:1])
+            continue
         out = model(x[b])
         tot_loss += F.cross_entropy(out, y[b], reduction="sum").item()
         tot_correct += (out.argmax(1) == y[b]).sum().item()

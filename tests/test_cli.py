@@ -165,4 +165,25 @@ def test_help_and_demo(capsys):
                 "--batch-size", "--seed", "--seeds", "--n-seeds", "--last-k", "--preset", "--device", "--backend", "--out", "--resume", "--force", "--quiet"):
         assert opt in out, opt
     assert main(["demo", "--channels", "2", "--size", "5", "--batch", "1"]) == 0
-    assert "rel. error" in capsys.readouterr().out
+    errors = demo_errors(capsys.readouterr().out)
+    assert all(e < 1e-5 for e in errors.values()), errors
+
+
+def demo_errors(out: str) -> dict:
+    """{halo: relative error} read from the demo's table; every halo must have its row."""
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[-2:] == ["rel.", "error"])
+    rows = {line.split()[0]: float(line.split()[-1]) for line in lines[header + 1:] if line.strip()}
+    assert set(rows) == {"0", "1", "2", "full"}, out
+    return rows
+
+
+def test_demo_reports_a_broken_equivalence(capsys, monkeypatch):
+    """The demo's error column is computed, not printed as a constant: a perturbed eFCN shows up."""
+    from efcn_sparse import SparseEFCN
+
+    forward = SparseEFCN.forward
+    monkeypatch.setattr(SparseEFCN, "forward", lambda self, x: forward(self, x) * 1.01)
+    assert main(["demo", "--channels", "2", "--size", "5", "--batch", "1"]) == 0
+    errors = demo_errors(capsys.readouterr().out)
+    assert all(5e-3 < e < 2e-2 for e in errors.values()), errors

@@ -88,6 +88,7 @@ def test_efcn_matches_conv_outputs_and_gradients(case, dtype):
     dx_ref, dw_ref = torch.autograd.grad(ref, (x, conv.weight), gy)
     dx, dvals = torch.autograd.grad(y, (x, m.values), gy)
     assert_close_rel(dx, dx_ref, rel, "input gradient")
+    assert (dvals[~m.layout.block_mask()] == 0).all(), "raw gradient at masked entries"
     dw = _weight_grad_in_kernel_shape(m, m.layout.to_dense(dvals))
     assert_close_rel(dw, dw_ref, rel * 10, "weight gradient summed over positions")
     if conv.bias is not None:
@@ -152,17 +153,21 @@ def test_halo_stores_expected_blocks_and_same_output(halo):
 
 def test_halo_entries_are_trainable_and_start_at_zero():
     conv = nn.Conv2d(2, 3, 3, padding=1)
-    m = SparseEFCN.from_conv(conv, (6, 6), halo=1)
-    local = SparseEFCN.from_conv(conv, (6, 6), halo=0)
+    # 16x16 tiles over 3 output / 2 input channels span several pixels: masked entries in every block
+    m = SparseEFCN.from_conv(conv, (6, 6), halo=1, block_shape=(16, 16))
+    local = SparseEFCN.from_conv(conv, (6, 6), halo=0, block_shape=(16, 16))
+    mask = m.layout.block_mask()
+    assert (~mask).any()
     dense_support = m.layout.to_dense(torch.ones_like(m.values)) != 0
     local_support = local.layout.to_dense(torch.ones_like(local.values)) != 0
     assert (dense_support & ~local_support).any(), "halo must add off-local entries"
-    assert (m.to_dense()[~local_support] == 0).all()
+    assert (m.to_dense()[dense_support & ~local_support] == 0).all()  # stored off-local entries start at 0
+    assert (m.values.detach()[~mask] == 0).all()  # raw values: to_dense would hide masked ones
     x = torch.randn(4, 2, 6, 6)
     m(x).square().sum().backward()
     grad = m.layout.to_dense(m.values.grad)
     assert (grad[dense_support & ~local_support] != 0).any(), "off-local entries must receive gradient"
-    assert (grad[~dense_support] == 0).all()
+    assert (m.values.grad[~mask] == 0).all()  # raw gradient at masked entries
 
 
 def test_groups_mask_other_groups_forever():
@@ -173,6 +178,9 @@ def test_groups_mask_other_groups_forever():
     rows = torch.arange(m.shape[0]) % 32 // 8
     cols = torch.arange(m.shape[1]) % 32 // 8
     assert torch.equal(stored, rows[:, None] == cols[None, :])
+    m(torch.randn(2, 32, 5, 5)).square().sum().backward()
+    mask = m.layout.block_mask()
+    assert (m.values.detach()[~mask] == 0).all() and (m.values.grad[~mask] == 0).all()  # raw, not via to_dense
 
 
 @pytest.mark.parametrize("channels,expected", [(64, 64), (192, 64), (48, 48), (16, 16), (3, 48), (1, 16), (10, 80), (24, 48), (100, 16)])

@@ -10,13 +10,14 @@ block of the same size is freed just before, so an entry the kernel forgets to w
 import pytest
 import torch
 
-from conftest import assert_close_rel
+from conftest import assert_close_rel, require_or_skip
 from efcn_sparse import backends, ops
 from efcn_sparse.kernels import reference as R
 from efcn_sparse.layout import BSRLayout
 
 _REASON = backends.unavailable_reason("cpu", "cpu")
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"cpu backend unavailable: {_REASON}")
+if _REASON is not None:
+    require_or_skip("cpu-ext", f"cpu backend unavailable: {_REASON}")
 
 C_OPS = torch.ops.efcn_sparse_C
 REL = {torch.float32: 2e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2}

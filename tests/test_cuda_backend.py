@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import efcn_sparse
-from conftest import assert_close_rel
+from conftest import assert_close_rel, path_missing, require_or_skip
 from efcn_sparse import BSRLayout, _extension, backends, ops
 from efcn_sparse.kernels import reference as ref
 
@@ -153,7 +153,7 @@ def table_dir(tmp_path, monkeypatch):
 
 def test_auto_follows_a_measured_table(table_dir, monkeypatch):
     if backends.unavailable_reason("cpu", "cpu") is not None:
-        pytest.skip("needs the cpu backend beside the reference")
+        require_or_skip("cpu-ext", "needs the cpu backend beside the reference")
     shape = dict(dtype=torch.float32, batch=5, block_shape=(8, 8))
     backends.record_measured_choice("cpu", "forward", backend="reference", **shape)
     assert Path(backends.measured_table_path("cpu")).parent == table_dir
@@ -168,28 +168,47 @@ def test_auto_follows_a_measured_table(table_dir, monkeypatch):
     assert backends.resolve("auto", "cpu", op="forward", **shape) == "cpu"
 
 
-def test_tune_records_the_fastest_per_op(table_dir):
-    lay, _, _, _, _ = random_case((8, 8), 24, 32, 3, torch.float32)
+def test_tune_records_the_fastest_per_op_and_auto_then_runs_it(table_dir, monkeypatch):
+    """With planted timings (a different backend fastest per op), tune must record exactly the
+    fastest in the table file, and ops with backend="auto" must then call those kernels."""
+    if backends.unavailable_reason("cpu", "cpu") is not None:
+        require_or_skip("cpu-ext", "needs the cpu backend beside the reference")
+    import json
+    from types import SimpleNamespace
+
+    fastest = {"forward": "reference", "grad_input": "cpu", "grad_weight": "reference"}
+    calls = []
+    real = backends.kernels
+
+    def spy(name):  # the kernel module of `name`, recording which (backend, op) runs
+        k = real(name)
+        return SimpleNamespace(**{op: (lambda *a, _op=op, _k=k: calls.append((name, _op)) or getattr(_k, _op)(*a))
+                                  for op in fastest})
+
+    monkeypatch.setattr(backends, "kernels", spy)
+    monkeypatch.setattr(backends, "_median_time",
+                        lambda fn, device, repeats: (fn(), 1.0 if calls[-1][0] == fastest[calls[-1][1]] else 2.0)[1])
+    lay, values, x, dy, _ = random_case((8, 8), 24, 32, 3, torch.float32)
     best = backends.tune(lay, batch=3, dtype=torch.float32, device="cpu", repeats=1)
-    assert set(best) == {"forward", "grad_input", "grad_weight"}
-    assert set(best.values()) <= set(efcn_sparse.available_backends("cpu"))
-    for op, b in best.items():
-        assert backends.resolve("auto", "cpu", op=op, dtype=torch.float32, batch=3, block_shape=(8, 8)) == b
+    assert best == fastest
+    with open(backends.measured_table_path("cpu")) as f:
+        assert json.load(f)["choices"] == {f"{op}/float32/b1-16/8x8": b for op, b in fastest.items()}
+    calls.clear()
+    leaves = [t.clone().requires_grad_(True) for t in (x, values)]
+    ops.linear(leaves[0], lay, leaves[1], backend="auto").backward(dy)
+    assert sorted(calls, key=lambda c: c[1]) == sorted(((b, op) for op, b in fastest.items()), key=lambda c: c[1])
 
 
 # --------------------------------------------------------------------------- CPU emulator
 @pytest.fixture(scope="module")
 def emu():
     """torch.ops.efcn_sparse_emu: the CUDA kernels built for the CPU emulator."""
-    if os.environ.get("EFCN_SKIP_CUDA_EMULATION") == "1":
-        pytest.skip("EFCN_SKIP_CUDA_EMULATION=1")
+    missing = path_missing("cuda-emulator")
+    if missing:
+        require_or_skip("cuda-emulator", missing)
     cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
-    if not (Path(cuda_home) / "include" / "cuda_runtime_api.h").exists():
-        pytest.skip(f"no CUDA headers under {cuda_home} (the emulator takes dim3/uint4 from them)")
     venv_bin = os.path.dirname(sys.executable)
     if shutil.which("ninja") is None:  # pytest run as .venv/bin/python without the venv on PATH
-        if shutil.which("ninja", path=venv_bin) is None:
-            pytest.skip("ninja not found")
         os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
     from torch.utils.cpp_extension import load
 
@@ -304,3 +323,31 @@ def test_gpu_autograd_through_ops_linear():
         assert_close_rel(got.grad, want.grad, 1e-5, f"grad {name}")
     assert backends.resolve("auto", "cuda", op="forward", dtype=torch.bfloat16, batch=256, block_shape=(64, 64)) in (
         "cuda", "triton")
+
+
+def _check_grad_weight_acc(acc, gw, lay, x, dy, what):
+    """acc(out, ...) adds dW into out (the kernel's epilogue) as out + gw(...) would, masked entries untouched."""
+    BR, BC = lay.block_shape
+    out = lay.apply_mask(torch.randn(lay.nnzb, BR, BC, dtype=torch.float64).to(dy.device, dy.dtype))
+    expected = out.cpu() + gw(dy, x, lay.row_idx, lay.col_idx, lay.mask_ids, lay.mask_patterns, BR, BC).cpu()
+    acc(out, dy, x, lay.row_idx, lay.col_idx, lay.mask_ids, lay.mask_patterns)
+    assert torch.equal(out.cpu(), expected), f"grad_weight_acc {what}"
+    assert (out.cpu()[~lay.to("cpu").block_mask()] == 0).all(), f"grad_weight_acc {what}: masked entries changed"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("block", [(16, 16), (64, 48), (24, 20)], ids=str)
+def test_emulated_grad_weight_accumulates_in_its_epilogue(emu, block, dtype):
+    lay, _, x, dy, _ = random_case(block, 3 * block[0] + 5, 4 * block[1] + 3, 9, dtype)
+    _check_grad_weight_acc(emu.bsr_grad_weight_acc, emu.bsr_grad_weight, lay, x, dy, f"{block} {dtype}")
+    with pytest.raises(RuntimeError, match="out must be a contiguous"):
+        emu.bsr_grad_weight_acc(torch.zeros(lay.nnzb + 1, *block, dtype=dtype), dy, x, lay.row_idx, lay.col_idx,
+                                lay.mask_ids, lay.mask_patterns)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_grad_weight_accumulates_in_its_epilogue(dtype):
+    k = _cuda_kernels()
+    lay, _, x, dy, _ = random_case((64, 48), 5 * 64 + 3, 6 * 48 + 1, 33, dtype, device="cuda")
+    _check_grad_weight_acc(k.grad_weight_acc, k.grad_weight, lay, x, dy, str(dtype))

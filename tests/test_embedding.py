@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from conftest import assert_close_rel
+from conftest import assert_close_rel, poison_one_sample
+from test_conv_embedding import _weight_grad_in_kernel_shape
 
 from efcn_sparse import SparseEFCN, embed, fcn_like, get_model, summary
 from efcn_sparse.embedding import conv_input_sizes
@@ -58,9 +59,32 @@ def test_embedding_is_equivalent_in_eval_and_train_mode(name, kw, shape, halo):
         torch.manual_seed(7)
         out = efcn(x)
         assert_close_rel(out, ref, 1e-5, f"{name} halo={halo} train={train}")
-    # a backward pass through the whole embedded network works
-    efcn(x).square().sum().backward()
-    assert all(m.values.grad is not None for m in _efcns(efcn))
+    # backward through the whole network (train mode, same dropout): each eFCN's weight gradient,
+    # summed back over positions, is its conv's weight gradient; masked entries get exactly 0
+    g = torch.randn_like(ref)
+    for model in (net, efcn):
+        model.zero_grad()
+        torch.manual_seed(7)
+        model(x).backward(g)
+    for conv, m in zip(_convs(net), _efcns(efcn)):
+        assert (m.values.grad[~m.layout.block_mask()] == 0).all()
+        dw = _weight_grad_in_kernel_shape(m, m.layout.to_dense(m.values.grad.double()))
+        assert_close_rel(dw, conv.weight.grad.double(), 1e-4, f"{name}: weight gradient of {conv}")
+        if conv.bias is not None:
+            db = m.bias.grad.reshape(-1, conv.out_channels).sum(0)
+            assert_close_rel(db, conv.bias.grad, 1e-4, f"{name}: bias gradient of {conv}")
+
+
+def test_non_finite_input_leaves_masked_gradients_of_every_layer_zero(cpu_backend):
+    """A whole embedded network on each CPU backend: one +inf sample makes the gradients
+    non-finite, yet every layer's masked entries get exactly 0."""
+    net = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, groups=2), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1, groups=4))
+    efcn = embed(net, (4, 5, 5), halo=1, backend=cpu_backend)
+    efcn(poison_one_sample(torch.randn(3, 4, 5, 5))).sum().backward()
+    for m in _efcns(efcn):
+        mask = m.layout.block_mask()
+        assert (~mask).any() and not torch.isfinite(m.values.grad[mask]).all()
+        assert (m.values.grad[~mask] == 0).all(), f"{cpu_backend}: NaN/inf leaked into masked gradient entries"
 
 
 def test_training_flags_and_frozen_parameters_are_kept():
@@ -169,7 +193,8 @@ def test_fcn_like_has_embeds_layout_and_linear_init():
         mask = f.layout.to_dense(torch.ones_like(f.values)).bool()
         fan = mask.sum(1).double()
         bound = 1 / fan.sqrt()
-        assert (W.abs() <= bound[:, None] + 1e-7).all() and (W[~mask] == 0).all()
+        assert (W.abs() <= bound[:, None] + 1e-7).all()
+        assert (f.values.detach()[~f.layout.block_mask()] == 0).all()  # raw: to_dense re-applies the mask
         z = (W / bound[:, None])[mask]  # uniform on [-1, 1]: variance 1/3
         assert abs(z.var().item() - 1 / 3) < 0.02 and abs(z.mean().item()) < 0.02
         assert (f.bias.abs() <= bound + 1e-7).all() and f.bias.std() > 0.3 * bound.mean()

@@ -43,6 +43,19 @@ def test_embed_resnet18_example(capsys):
 
 
 def test_block_sparse_layer_example(capsys):
-    losses, outside = _run("block_sparse_layer.py", "--steps", "60", "--hidden", "64")
-    assert outside == 0  # only stored blocks are trained
+    losses, n_masked, nonzero = _run("block_sparse_layer.py", "--steps", "60", "--hidden", "60")
+    assert n_masked > 0 and nonzero == 0  # masked entries (edge tiles) stay exactly zero under Adam
+    assert f"masked entries in the stored blocks: {n_masked}, non-zero after training: 0" in capsys.readouterr().out
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
+
+
+def test_block_sparse_layer_example_counts_planted_masked_values():
+    """The example's check reads raw values: planted non-zeros at masked entries are counted."""
+    ex = runpy.run_path(os.path.join(EXAMPLES, "block_sparse_layer.py"), run_name="example")
+    layer = ex["SparseEFCN"](ex["banded_layout"](60, 16, 1))
+    n_masked, nonzero = ex["masked_nonzero"](layer)
+    assert n_masked > 0 and nonzero == 0
+    with torch.no_grad():
+        layer.values.masked_fill_(~layer.layout.block_mask(), 7.0)
+    assert ex["masked_nonzero"](layer) == (n_masked, n_masked)
+    assert (layer.to_dense() != 7).all()  # what a check through to_dense would have seen

@@ -154,3 +154,13 @@ def test_layout_moves_between_devices_and_keeps_structure():
     lay, vals, dense = random_layout(masked=True)
     moved = lay.to("meta")
     assert moved.device.type == "meta" and moved.nnzb == lay.nnzb and moved.has_mask
+    assert moved.shape == lay.shape and moved.block_shape == lay.block_shape
+    for name, t in lay.tensors().items():  # every index and mask tensor moved, dtype and shape kept
+        m = moved.tensors()[name]
+        assert m.device.type == "meta" and m.dtype == t.dtype and m.shape == t.shape, name
+    back = lay.to("cpu")
+    for name, t in lay.tensors().items():
+        assert torch.equal(back.tensors()[name], t), name
+    torch.testing.assert_close(back.validate(vals).to_dense(vals), dense, rtol=0, atol=0)
+    with pytest.raises(NotImplementedError):  # meta -> cpu cannot invent the indices
+        moved.to("cpu")

@@ -5,7 +5,7 @@ import io
 import pytest
 import torch
 import torch.nn as nn
-from conftest import assert_close_rel
+from conftest import assert_close_rel, poison_one_sample
 from test_layout import random_layout
 
 from efcn_sparse import BSRLayout, SparseEFCN
@@ -38,6 +38,20 @@ def test_structural_zeros_stay_zero_under_optimizers(make_opt):
     assert not torch.equal(m.values.detach()[mask], before[mask])
 
 
+def test_non_finite_input_leaves_structural_zeros_exactly_zero(cpu_backend):
+    """One sample of +inf: the unmasked gradients are non-finite, the masked ones exactly 0, and
+    an SGD step keeps the masked values exactly 0, on every CPU backend."""
+    m = SparseEFCN.from_conv(nn.Conv2d(6, 32, 3, padding=1, groups=2), (5, 5), halo=1, backend=cpu_backend)
+    mask = m.layout.block_mask()
+    assert (~mask).any()
+    x = poison_one_sample(torch.randn(3, 6, 5, 5))
+    m(x).sum().backward()
+    assert not torch.isfinite(m.values.grad[mask]).all()
+    assert (m.values.grad[~mask] == 0).all(), f"{cpu_backend}: NaN/inf leaked into masked gradient entries"
+    torch.optim.SGD(m.parameters(), lr=0.1).step()
+    assert (m.values.detach()[~mask] == 0).all()
+
+
 def test_state_dict_round_trips_into_a_fresh_layer():
     conv = nn.Conv2d(6, 32, 3, padding=1, groups=2)
     m = SparseEFCN.from_conv(conv, (5, 5), halo=1)
@@ -50,16 +64,22 @@ def test_state_dict_round_trips_into_a_fresh_layer():
     fresh = SparseEFCN.from_conv(nn.Conv2d(6, 32, 3, padding=1, groups=2), (5, 5), halo=1)
     fresh.load_state_dict(state)
     x = torch.randn(3, 6, 5, 5)
-    torch.testing.assert_close(fresh(x), m(x))
+    flat = x.permute(0, 2, 3, 1).reshape(3, -1)  # independent: a dense matmul with the saved weights
+    expected = (flat @ m.to_dense().T + m.bias.detach()).reshape(3, 5, 5, 32).permute(0, 3, 1, 2)
+    assert_close_rel(fresh(x), expected, 1e-5, "reloaded layer vs dense matmul")
     assert fresh.geometry == m.geometry and fresh.halo == 1
 
 
 def test_state_dict_loads_into_a_layer_of_another_size():
     m = SparseEFCN.from_conv(nn.Conv2d(4, 16, 3, padding=1), (6, 6), halo=2)
     other = SparseEFCN.from_conv(nn.Conv2d(4, 16, 3, padding=1), (6, 6), halo=0)
+    with torch.no_grad():  # halo entries non-zero, so the smaller layer must really grow to hold them
+        m.values.add_(m.layout.apply_mask(torch.randn_like(m.values)))
     other.load_state_dict(m.state_dict())
     x = torch.randn(2, 4, 6, 6)
-    torch.testing.assert_close(other(x), m(x))
+    flat = x.permute(0, 2, 3, 1).reshape(2, -1)
+    expected = (flat @ m.to_dense().T + m.bias.detach()).reshape(2, 6, 6, 16).permute(0, 3, 1, 2)
+    assert_close_rel(other(x), expected, 1e-5, "loaded layer vs dense matmul")
     assert other.halo == 2
 
 
@@ -69,6 +89,34 @@ def test_to_dtype_keeps_index_buffers():
     assert m.crow_ptr.dtype == torch.int32 and m.mask_patterns.dtype == torch.bool
     x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
     assert m(x).dtype == torch.float64
+
+
+def test_to_moves_parameters_and_buffers_and_round_trips():
+    """.to() across dtypes and devices (cpu -> meta -> cpu): parameters change dtype and device,
+    index buffers keep their dtype, and the round-tripped layer computes what it did before."""
+    m = _masked_layer()
+    with torch.no_grad():
+        m.values.add_(m.layout.apply_mask(torch.randn_like(m.values)))
+    x = torch.randn(2, 6, 5, 5)
+    y0 = m(x).detach()
+    state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in m.state_dict().items()}
+    index_dtypes = {k: b.dtype for k, b in m.named_buffers()}
+
+    m.to(torch.float64)
+    assert m.values.dtype == m.bias.dtype == torch.float64
+    assert {k: b.dtype for k, b in m.named_buffers()} == index_dtypes
+    assert_close_rel(m(x.double()), y0.double(), 1e-6, "float64")
+    m.to(torch.float32)
+    assert torch.equal(m.values, state["values"])  # float32 -> float64 -> float32 is exact
+
+    m.to("meta")
+    assert all(t.device.type == "meta" for t in list(m.parameters()) + list(m.buffers()))
+    assert {k: b.dtype for k, b in m.named_buffers()} == index_dtypes
+    assert m(x.to("meta")).shape == y0.shape  # shapes propagate through the ops' fake kernels
+    m.to_empty(device="cpu")
+    m.load_state_dict(state)
+    assert all(t.device.type == "cpu" for t in list(m.parameters()) + list(m.buffers()))
+    torch.testing.assert_close(m(x), y0, rtol=0, atol=0)
 
 
 def test_extra_repr_shows_structure():
@@ -105,7 +153,7 @@ def test_non_contiguous_input_is_handled():
     assert_close_rel(m(x), conv(x), 1e-5)
     flat = torch.randn(100, 3).T
     y = m(flat)
-    torch.testing.assert_close(y, m(flat.contiguous()))
+    torch.testing.assert_close(y, flat @ m.to_dense().T + m.bias.detach(), rtol=1e-5, atol=1e-5)
 
 
 def test_empty_batch_returns_empty_output():

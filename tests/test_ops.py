@@ -3,6 +3,9 @@
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from conftest import assert_close_rel, poison_one_sample
+from test_conv_embedding import _weight_grad_in_kernel_shape
 from test_layout import random_layout
 
 import efcn_sparse
@@ -27,6 +30,8 @@ def test_reference_ops_match_dense_products(masked):
     dw = ops.bsr_grad_weight(dy, x, lay.row_idx, lay.col_idx, lay.mask_ids, lay.mask_patterns, 8, 8, "reference")
     support = lay.to_dense(torch.ones_like(vals)) != 0
     torch.testing.assert_close(lay.to_dense(dw), (dy.T @ x) * support)
+    # to_dense re-applies the mask: the raw gradient must itself be zero at masked entries
+    assert (dw[~lay.block_mask()] == 0).all()
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -63,24 +68,46 @@ def test_masked_entries_get_exactly_zero_gradient():
     assert (v.grad[lay.block_mask()] != 0).any()
 
 
-def test_torch_compile_fullgraph_matches_eager():
+def test_masked_grad_weight_is_zero_even_for_non_finite_products(cpu_backend):
+    """Masked entries of dW are exactly 0 even where dy^T x is inf or NaN there (multiplying by
+    the mask would leave NaN), through the op and through autograd, on every CPU backend."""
+    lay, vals, _ = random_layout(M=40, N=56, block=(16, 16), masked=True, dtype=torch.float32)
+    mask = lay.block_mask()
+    assert (~mask).any()
+    x = poison_one_sample(torch.randn(3, 56))
+    dy = torch.randn(3, 40)
+    dw = ops.bsr_grad_weight(dy, x, lay.row_idx, lay.col_idx, lay.mask_ids, lay.mask_patterns, 16, 16, cpu_backend)
+    assert not torch.isfinite(dw[mask]).any(), "the poisoned sample must reach every stored entry"
+    assert (dw[~mask] == 0).all(), f"{cpu_backend}: masked entries of grad_weight are not exactly zero"
+    v = vals.clone().requires_grad_(True)
+    ops.linear(x, lay, v, backend=cpu_backend).backward(dy)
+    assert (v.grad[~mask] == 0).all(), f"{cpu_backend}: masked entries of values.grad are not exactly zero"
+
+
+def test_torch_compile_fullgraph_matches_the_cnn():
+    """Compiled forward and backward against the CNN itself (conv weight gradient summed back)."""
     conv = nn.Conv2d(4, 16, 3, padding=1)
-    model = nn.Sequential(SparseEFCN.from_conv(conv, (6, 6), halo=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 36, 3))
+    head = nn.Linear(16 * 36, 3)
+    model = nn.Sequential(SparseEFCN.from_conv(conv, (6, 6), halo=1), nn.ReLU(), nn.Flatten(), head)
+    cnn = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), head)
     x = torch.randn(5, 4, 6, 6)
-    eager = model(x)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(x), eager)
-    compiled(x).sum().backward()
-    g_compiled = model[0].values.grad.clone()
-    model.zero_grad()
-    model(x).sum().backward()
-    torch.testing.assert_close(g_compiled, model[0].values.grad)
+    y = compiled(x)
+    assert_close_rel(y, cnn(x), 1e-5, "compiled vs CNN")
+    g = torch.randn_like(y)
+    y.backward(g)
+    cnn(x).backward(g)
+    m = model[0]
+    dw = _weight_grad_in_kernel_shape(m, m.layout.to_dense(m.values.grad))
+    assert_close_rel(dw, conv.weight.grad, 1e-4, "compiled weight gradient vs CNN")
+    assert_close_rel(m.bias.grad.reshape(-1, 16).sum(0), conv.bias.grad, 1e-4, "compiled bias gradient vs CNN")
 
 
-def test_torch_compile_inductor_runs():
-    m = SparseEFCN.from_conv(nn.Conv2d(2, 16, 3, padding=1), (4, 4))
+def test_torch_compile_inductor_matches_the_conv():
+    conv = nn.Conv2d(2, 16, 3, padding=1)
+    m = SparseEFCN.from_conv(conv, (4, 4))
     x = torch.randn(3, 2, 4, 4)
-    torch.testing.assert_close(torch.compile(m, fullgraph=True)(x), m(x))
+    assert_close_rel(torch.compile(m, fullgraph=True)(x), F.conv2d(x, conv.weight, conv.bias, padding=1), 1e-5)
 
 
 def test_unknown_backend_is_rejected():

@@ -68,8 +68,15 @@ def _close(va, vb, rel):
     if isinstance(va, list):
         return len(va) == len(vb) and all(_close(x, y, rel) for x, y in zip(va, vb))
     if isinstance(va, float) and rel:
-        return va == pytest.approx(vb, rel=rel, abs=1e-6)
+        # the absolute floor only serves values near 0: it must never decide for values of order 1
+        return va == pytest.approx(vb, rel=rel, abs=rel * 1e-3)
     return va == vb
+
+
+def test_close_is_decided_by_the_relative_tolerance():
+    assert _close(0.1, 0.1 * (1 + 1e-13), 1e-12) and _close(0.0, 0.0, 1e-12)
+    assert not _close(0.1, 0.1 + 1e-9, 1e-12)  # passed while abs=1e-6 decided
+    assert not _close({"a": [0.5]}, {"a": [0.5 + 1e-8]}, 1e-12)
 
 
 def _assert_same(rows_a, rows_b, rel=0.0, acc_slack=0.0, diag_rel=1e-12):

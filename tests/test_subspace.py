@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from conftest import assert_close_rel
 
 from efcn_sparse import SparseEFCN, deviation, embed, get_model, interpolate, interpolate_curvilinear, \
@@ -53,6 +54,19 @@ def _dense_reference(conv: nn.Conv2d, size):
         E[:, co, :, co] = A[:, :, gi * cig:(gi + 1) * cig]
     M = Cout * L
     E = E.reshape(M * N, -1)
+    return E, _distances(conv, size), (M, N)
+
+
+def _distances(conv: nn.Conv2d, size):
+    """Per (M, N) matrix entry, the distance in pixels (Chebyshev) from its input pixel to its
+    output pixel's receptive-field bounding box."""
+    H, W = size
+    Cin, Cout = conv.in_channels, conv.out_channels
+    (KH, KW), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    pads = conv._reversed_padding_repeated_twice
+    Ho = (H + pads[2] + pads[3] - dh * (KH - 1) - 1) // sh + 1
+    Wo = (W + pads[0] + pads[1] - dw * (KW - 1) - 1) // sw + 1
+    M, N = Cout * Ho * Wo, Cin * H * W
     r, c = torch.arange(M)[:, None], torch.arange(N)[None, :]
     po, pi = r // Cout, c // Cin
     dist = torch.zeros(M, N, dtype=torch.int64)
@@ -60,15 +74,52 @@ def _dense_reference(conv: nn.Conv2d, size):
         lo = o * s - before
         hi = lo + d * (k - 1)
         dist = torch.maximum(dist, torch.maximum(lo - x, x - hi).clamp(min=0))
-    return E, dist, (M, N)
+    return dist
 
 
 def _reference_stats(m: SparseEFCN, E, dist):
     W = m.to_dense().double()
-    w = W.reshape(-1)
-    K = torch.linalg.pinv(E) @ w
-    PW = (E @ K).reshape(W.shape)
-    local = (E != 0).any(1).reshape(W.shape)
+    K = torch.linalg.pinv(E) @ W.reshape(-1)
+    return _stats(m, W, (E @ K).reshape(W.shape), K, (E != 0).any(1).reshape(W.shape), dist)
+
+
+def _probed_stats(m: SparseEFCN, conv: nn.Conv2d, size):
+    """The dense reference for layers too large for E: the eFCN matrix of a kernel K by probing
+    torch's conv (with the layer's padding mode) with every basis image, W(K), linear in K; the
+    orthogonal projection of W onto {W(K)} by conjugate gradients on E^T E K = E^T W, starting at
+    0 (so the min-norm K), with E^T from autograd. Independent of the package but for m.to_dense()."""
+    import copy
+
+    H, W_ = size
+    N = conv.in_channels * H * W_
+    basis = torch.eye(N, dtype=torch.float64).reshape(N, H, W_, conv.in_channels).permute(0, 3, 1, 2)
+    c = copy.deepcopy(conv).double()
+
+    def dense_of(K):
+        return c._conv_forward(basis, K, None).permute(0, 2, 3, 1).reshape(N, -1).T
+
+    zero = torch.zeros_like(c.weight.detach())
+    _, vjp = torch.func.vjp(dense_of, zero)
+    adjoint = lambda D: vjp(D)[0]  # noqa: E731
+    W = m.to_dense().double()
+    rhs = adjoint(W)
+    K, r = zero.clone(), rhs.clone()
+    p, rr = r.clone(), (r * r).sum()
+    for _ in range(1000):
+        if rr.sqrt() <= 1e-15 * rhs.norm():
+            break
+        Ap = adjoint(dense_of(p))
+        alpha = rr / (p * Ap).sum()
+        K, r = K + alpha * p, r - alpha * Ap
+        rr, rr_old = (r * r).sum(), rr
+        p = r + (rr / rr_old) * p
+    else:
+        raise AssertionError("conjugate gradients did not converge")
+    local = dense_of(torch.ones_like(zero)) != 0  # a positive kernel: every entry some tap reaches
+    return _stats(m, W, dense_of(K), K.reshape(-1), local, _distances(conv, size))
+
+
+def _stats(m: SparseEFCN, W, PW, K, local, dist):
     norm = W.norm().item()
     off = W[~local]
     by = torch.zeros(int(dist.max()) + 1, dtype=torch.float64).index_add_(0, dist[~local], off ** 2).sqrt()
@@ -102,6 +153,12 @@ def test_deviation_projection_and_to_cnn_agree_with_a_dense_reference(case):
     _perturb(m)
     E, dist, _ = _dense_reference(conv, size)
     ref = _reference_stats(m, E, dist)
+    probed = _probed_stats(m, conv, size)  # the reference for larger layers must agree with this one
+    for k, v in ref.items():
+        if isinstance(v, float):
+            assert math.isclose(v, probed[k], rel_tol=1e-9, abs_tol=1e-12), (k, v, probed[k])
+        else:
+            assert torch.allclose(v, probed[k], rtol=1e-9, atol=1e-10), k
 
     got = deviation(m)
     assert set(got["layers"]) == {"<model>"} and set(got["total"]) == KEYS
@@ -212,7 +269,12 @@ def test_deviation_skips_generic_layers_and_cache_follows_layout_changes():
     _perturb(m)
     model = nn.Sequential(generic, nn.Unflatten(1, (2, 2, 2)), m)
     x = torch.randn(3, 8)
-    assert_close_rel(to_cnn(model)(x), project(model)(x), 1e-5, "to_cnn of a mixed model")
+    ref = _reference_stats(m, *_dense_reference(conv, (2, 2))[:2])
+    h = generic(x).detach().double().reshape(3, 2, 2, 2).permute(0, 2, 3, 1).reshape(3, 8)  # NHWC-flat image
+    b = m.bias.detach().double().reshape(-1, 2).mean(0).repeat(4)
+    expected = (h @ ref["PW"].T + b).reshape(3, 2, 2, 2).permute(0, 3, 1, 2)
+    assert_close_rel(to_cnn(model)(x).double(), expected, 1e-5, "to_cnn of a mixed model vs dense projection")
+    assert_close_rel(project(model)(x).double(), expected, 1e-5, "project of a mixed model vs dense projection")
     dev = deviation(model)
     assert set(dev["layers"]) == {"2"}
     assert project(model)[0] is not generic and torch.equal(project(model)[0].values, generic.values)
@@ -224,23 +286,36 @@ def test_deviation_skips_generic_layers_and_cache_follows_layout_changes():
     full = SparseEFCN.from_conv(conv, (5, 4), halo="full", backend=BACKEND)
     _perturb(full)
     m.load_state_dict(full.state_dict())
-    assert math.isclose(deviation(m)["total"]["deviation"], deviation(full)["total"]["deviation"], rel_tol=1e-12)
+    want = _reference_stats(full, *_dense_reference(conv, (5, 4))[:2])["deviation"]
+    assert math.isclose(deviation(m)["total"]["deviation"], want, rel_tol=1e-9)
     clear_cache()
     assert deviation(m)["total"]["offlocal_ratio"] > 0
 
 
 def test_deviation_and_projection_on_larger_layers_of_each_kind():
-    """Cross-check the chunked paths (several chunks per layer) against the single-chunk result."""
+    """Larger layers against the probed dense reference, and the chunked paths (several chunks per
+    layer) against the single-chunk result."""
     import efcn_sparse.subspace as S
 
     convs = [(nn.Conv2d(16, 32, 3, padding=1), (6, 6), "full"),
              (nn.Conv2d(3, 16, 3, padding=1, padding_mode="reflect"), (7, 6), 2),
-             (nn.Conv2d(16, 16, 3, padding=1, groups=16), (6, 6), 1)]
+             (nn.Conv2d(16, 16, 3, padding=1, groups=16), (6, 6), 1),
+             (nn.Conv2d(8, 16, (3, 2), stride=2, dilation=(1, 2), padding=2, padding_mode="circular", groups=2),
+              (7, 8), "full")]
     for conv, size, halo in convs:
         m = SparseEFCN.from_conv(conv, size, halo=halo, backend=BACKEND)
         _perturb(m)
         clear_cache()
         ref, pref = deviation(m), project(m).values
+        dense = _probed_stats(m, conv, size)
+        for k in KEYS - {"offlocal_by_distance"}:
+            assert math.isclose(ref["total"][k], dense[k], rel_tol=1e-9, abs_tol=1e-12), (conv, k, ref["total"][k], dense[k])
+        by = torch.tensor(ref["total"]["offlocal_by_distance"], dtype=torch.float64)
+        n = max(by.numel(), dense["by"].numel())
+        assert torch.allclose(F.pad(by, (0, n - by.numel())), F.pad(dense["by"], (0, n - dense["by"].numel())),
+                              rtol=1e-9, atol=1e-12), conv
+        assert torch.allclose(project(m).to_dense().double(), dense["PW"], rtol=1e-5, atol=1e-6), conv
+        assert torch.allclose(to_cnn(m).weight.double().reshape(-1), dense["K"], rtol=1e-5, atol=1e-6), conv
         old = (S._CHUNK, S._FLAT_CACHE_MAX, S._TABLE_MAX)
         try:
             S._CHUNK, S._FLAT_CACHE_MAX, S._TABLE_MAX = 1024, 0, 0

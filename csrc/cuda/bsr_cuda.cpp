@@ -36,6 +36,9 @@ struct Launch {
   }
   void writes(at::Tensor& t) const {  // poisoned, so that entries the kernel skips show
     if (t.is_floating_point()) t.fill_(std::numeric_limits<double>::quiet_NaN());
+    updates(t);
+  }
+  void updates(const at::Tensor& t) const {  // read and written: not poisoned
     if (t.numel() > 0) efcn_emu::register_buffer(t.data_ptr(), t.nbytes(), true);
   }
 };
@@ -49,6 +52,7 @@ struct Launch {
   cudaStream_t stream() const { return c10::cuda::getCurrentCUDAStream().stream(); }
   void reads(const at::Tensor&) const {}
   void writes(at::Tensor&) const {}
+  void updates(const at::Tensor&) const {}
 };
 #endif
 
@@ -56,15 +60,23 @@ constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+bool supported_dtype(c10::ScalarType s) {
+  return s == at::kHalf || s == at::kBFloat16 || s == at::kFloat || s == at::kDouble;
+}
+
+// Raises for a dtype the kernels do not take. Every entry point calls it before anything reads
+// the dtype, so that dtype_of below never sees another one.
+void check_dtype(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(supported_dtype(t.scalar_type()), "efcn_sparse cuda backend: unsupported dtype ",
+              c10::toString(t.scalar_type()), " of ", name, " (float16, bfloat16, float32 and float64 are)");
+}
+
 DType dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kHalf: return DType::kHalf;
     case at::kBFloat16: return DType::kBFloat16;
-    case at::kFloat: return DType::kFloat;
     case at::kDouble: return DType::kDouble;
-    default:
-      TORCH_CHECK(false, "efcn_sparse cuda backend: unsupported dtype ", t.scalar_type(),
-                  " (float16, bfloat16, float32 and float64 are)");
+    default: return DType::kFloat;  // kFloat; check_dtype has refused the others
   }
 }
 
@@ -96,7 +108,7 @@ std::pair<int64_t, int64_t> check_values(const at::Tensor& values) {
               " tensor, got one on ", values.device());
   TORCH_CHECK(values.dim() == 3, "efcn_sparse cuda backend: values must be [nnzb, BR, BC], got shape ", values.sizes());
   TORCH_CHECK(values.is_contiguous(), "efcn_sparse cuda backend: values must be contiguous");
-  (void)dtype_of(values);
+  check_dtype(values, "values");
   const int64_t BR = values.size(1), BC = values.size(2);
   TORCH_CHECK(BR > 0 && BC > 0 && BR <= kIntMax && BC <= kIntMax, "efcn_sparse cuda backend: bad block shape ", values.sizes());
   TORCH_CHECK(values.size(0) <= kIntMax, "efcn_sparse cuda backend: more blocks than int32 indices address");
@@ -175,12 +187,13 @@ at::Tensor bsr_grad_input(const at::Tensor& dy, const at::Tensor& values, const 
   return dx;
 }
 
-at::Tensor bsr_grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_idx, const at::Tensor& col_idx,
-                           const std::optional<at::Tensor>& mask_ids, const std::optional<at::Tensor>& mask_patterns,
-                           int64_t BR, int64_t BC) {
+// dW into `dw` (accumulate: dw += dW), after the checks every grad_weight entry point shares.
+void grad_weight_into(at::Tensor& dw, bool accumulate, const at::Tensor& dy, const at::Tensor& x,
+                      const at::Tensor& row_idx, const at::Tensor& col_idx, const std::optional<at::Tensor>& mask_ids,
+                      const std::optional<at::Tensor>& mask_patterns, int64_t BR, int64_t BC) {
   TORCH_CHECK(dy.device().type() == kDevice, "efcn_sparse cuda backend: dy must be a ", c10::DeviceTypeName(kDevice),
               " tensor, got one on ", dy.device());
-  (void)dtype_of(dy);
+  check_dtype(dy, "dy");
   check_dense(dy, "dy", dy, dy.scalar_type());
   check_dense(x, "x", dy, dy.scalar_type());
   TORCH_CHECK(dy.size(0) == x.size(0), "efcn_sparse cuda backend: dy and x differ in batch: ", dy.size(0), " vs ", x.size(0));
@@ -199,15 +212,26 @@ at::Tensor bsr_grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::
                 "efcn_sparse cuda backend: mask_patterns must be a contiguous bool [n, ", BR, ", ", BC, "] tensor, got ",
                 mp.scalar_type(), " ", mp.sizes());
   }
-  at::Tensor dw = at::empty({nnzb, BR, BC}, dy.options());
-  if (nnzb == 0) return dw;
-  if (B == 0) return dw.zero_();
+  check_device(dw, "out", dy);
+  TORCH_CHECK(dw.scalar_type() == dy.scalar_type() && dw.dim() == 3 && dw.size(0) == nnzb && dw.size(1) == BR &&
+                  dw.size(2) == BC && dw.is_contiguous(),
+              "efcn_sparse cuda backend: out must be a contiguous ", dy.scalar_type(), " [", nnzb, ", ", BR, ", ", BC,
+              "] tensor, got ", dw.scalar_type(), " ", dw.sizes());
+  if (nnzb == 0) return;
+  if (B == 0) {
+    if (!accumulate) dw.zero_();
+    return;
+  }
   TORCH_CHECK(M > 0 && N > 0, "efcn_sparse cuda backend: dy [B, M] and x [B, N] must have features, got ", dy.sizes(), " and ",
               x.sizes());
   Launch launch(dy);
   launch.reads(dy), launch.reads(x), launch.reads(row_idx), launch.reads(col_idx);
   if (mask_ids.has_value()) launch.reads(*mask_ids), launch.reads(*mask_patterns);
-  launch.writes(dw);
+  if (accumulate) {
+    launch.updates(dw);
+  } else {
+    launch.writes(dw);
+  }
   GwParams p;
   p.dy = dy.data_ptr();
   p.x = x.data_ptr();
@@ -221,8 +245,24 @@ at::Tensor bsr_grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::
   }
   p.batch = B, p.M = M, p.N = N, p.nnzb = nnzb;
   p.BR = static_cast<int>(BR), p.BC = static_cast<int>(BC);
+  p.accumulate = accumulate;
   launch_grad_weight(p, dtype_of(dy), launch.stream());
+}
+
+at::Tensor bsr_grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_idx, const at::Tensor& col_idx,
+                           const std::optional<at::Tensor>& mask_ids, const std::optional<at::Tensor>& mask_patterns,
+                           int64_t BR, int64_t BC) {
+  check_dtype(dy, "dy");
+  at::Tensor dw = at::empty({row_idx.numel(), BR, BC}, dy.options());
+  grad_weight_into(dw, false, dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC);
   return dw;
+}
+
+void bsr_grad_weight_acc(at::Tensor& out, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_idx,
+                         const at::Tensor& col_idx, const std::optional<at::Tensor>& mask_ids,
+                         const std::optional<at::Tensor>& mask_patterns) {
+  TORCH_CHECK(out.dim() == 3, "efcn_sparse cuda backend: out must be [nnzb, BR, BC], got shape ", out.sizes());
+  grad_weight_into(out, true, dy, x, row_idx, col_idx, mask_ids, mask_patterns, out.size(1), out.size(2));
 }
 
 }  // namespace
@@ -233,5 +273,6 @@ TORCH_LIBRARY_IMPL(efcn_sparse_C, CUDA, m) {
   m.impl("bsr_forward", &efcn_cuda::bsr_forward);
   m.impl("bsr_grad_input", &efcn_cuda::bsr_grad_input);
   m.impl("bsr_grad_weight", &efcn_cuda::bsr_grad_weight);
+  m.impl("bsr_grad_weight_acc", &efcn_cuda::bsr_grad_weight_acc);
 }
 #endif

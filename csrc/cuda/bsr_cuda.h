@@ -49,6 +49,7 @@ struct GwParams {
   int64_t n_patterns = 0;
   int64_t batch = 0, M = 0, N = 0, nnzb = 0;
   int BR = 0, BC = 0;
+  bool accumulate = false;  // out += dW (masked entries of out left as they are) instead of out = dW
   // filled in by the launcher
   int m_tiles = 0, n_tiles = 0;
   bool vec_dy = false, vec_x = false, vec_out = false;

@@ -485,6 +485,11 @@ __global__ void __launch_bounds__(C::THREADS, 1) grad_weight_kernel(const GwPara
       for (int e = 0; e < VEC; ++e)
         if (e < count && ldg(mask + off + e) == 0) v[e] = zero<T>();  // exactly 0, as in the reference, even for NaN
     }
+    if (p.accumulate) {  // out + dW rounded as the unfused `grad += dW` rounds it; + 0 leaves masked entries as they are
+#pragma unroll
+      for (int e = 0; e < VEC; ++e)
+        if (e < count) v[e] = Elem<T>::from_acc(Elem<T>::to_acc(ldg(out + off + e)) + Elem<T>::to_acc(v[e]));
+    }
     if (count == VEC && p.vec_out) {
       uint4 u;
       memcpy(&u, v, 16);

@@ -26,3 +26,8 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
         return ("the extension was built without its CUDA kernels (a CPU-only torch, no CUDA toolkit at build "
                 "time, or EFCN_NO_CUDA=1); rebuild with CUDA_HOME set: pip install -e . --no-build-isolation")
     return None
+
+
+def grad_weight_acc(out, dy, x, row_idx, col_idx, mask_ids, mask_patterns) -> None:
+    """out += dW in the grad_weight kernel's epilogue (no [nnzb, BR, BC] temporary)."""
+    torch.ops.efcn_sparse_C.bsr_grad_weight_acc(out, dy, x, row_idx, col_idx, mask_ids, mask_patterns)

@@ -11,11 +11,25 @@ values [nnzb, BR, BC] hold zeros at masked entries; edge blocks may stick out of
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
 _CHUNK_BYTES = 64 * 2**20
+
+
+def _exact_dtypes(kernel):
+    """Run ``kernel`` with autocast off: its matmuls must keep the dtypes it chose (the ops layer
+    has already applied autocast's casts to the operands)."""
+    @functools.wraps(kernel)
+    def run(*args, **kwargs):
+        kind = args[0].device.type
+        if kind not in ("cpu", "cuda"):
+            return kernel(*args, **kwargs)
+        with torch.autocast(kind, enabled=False):
+            return kernel(*args, **kwargs)
+    return run
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -36,6 +50,7 @@ def _chunks(nnzb: int, per_block_bytes: int):
         yield s, min(nnzb, s + step)
 
 
+@_exact_dtypes
 def forward(x, values, bias: Optional[torch.Tensor], crow_ptr, col_idx, row_idx, M: int):
     B, N = x.shape
     nnzb, BR, BC = values.shape
@@ -54,6 +69,7 @@ def forward(x, values, bias: Optional[torch.Tensor], crow_ptr, col_idx, row_idx,
     return y.to(values.dtype).contiguous()
 
 
+@_exact_dtypes
 def grad_input(dy, values, ccol_ptr, t_row_idx, t_perm, N: int):
     B, M = dy.shape
     nnzb, BR, BC = values.shape
@@ -70,20 +86,35 @@ def grad_input(dy, values, ccol_ptr, t_row_idx, t_perm, N: int):
     return acc.permute(2, 0, 1).reshape(B, nbc * BC)[:, :N].to(values.dtype).contiguous()
 
 
-def grad_weight(dy, x, row_idx, col_idx, mask_ids: Optional[torch.Tensor], mask_patterns: Optional[torch.Tensor],
-                BR: int, BC: int):
+def _grad_weight_chunks(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR: int, BC: int):
+    """(start, end, dW[start:end]) over chunks of blocks, in the compute dtype, masked entries 0."""
     B, M = dy.shape
     N = x.shape[1]
-    nnzb = row_idx.numel()
     cd = _compute_dtype(dy.dtype)
     dyb = _pad_cols(dy.to(cd), -(-M // BR), BR)
     xb = _pad_cols(x.to(cd), -(-N // BC), BC)
-    out = torch.empty(nnzb, BR, BC, dtype=cd, device=dy.device)
     rows, cols = row_idx.long(), col_idx.long()
-    for s, e in _chunks(nnzb, B * (BC + BR) * dy.element_size()):
+    for s, e in _chunks(row_idx.numel(), B * (BC + BR) * dy.element_size()):
         dyg = dyb[:, rows[s:e]].permute(1, 2, 0)  # [k, BR, B]
         xg = xb[:, cols[s:e]].transpose(0, 1)  # [k, B, BC]
-        torch.bmm(dyg, xg, out=out[s:e])
-    if mask_ids is not None:  # where, not multiply: masked entries stay exactly 0 even for non-finite inputs
-        out = torch.where(mask_patterns[mask_ids.long()], out, out.new_zeros(()))
-    return out.to(dy.dtype)
+        out = torch.bmm(dyg, xg)
+        if mask_ids is not None:  # where, not multiply: masked entries stay exactly 0 even for non-finite inputs
+            out = torch.where(mask_patterns[mask_ids[s:e].long()], out, out.new_zeros(()))
+        yield s, e, out
+
+
+@_exact_dtypes
+def grad_weight(dy, x, row_idx, col_idx, mask_ids: Optional[torch.Tensor], mask_patterns: Optional[torch.Tensor],
+                BR: int, BC: int):
+    out = torch.empty(row_idx.numel(), BR, BC, dtype=dy.dtype, device=dy.device)
+    for s, e, chunk in _grad_weight_chunks(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC):
+        out[s:e] = chunk
+    return out
+
+
+@_exact_dtypes
+def grad_weight_acc(out, dy, x, row_idx, col_idx, mask_ids: Optional[torch.Tensor],
+                    mask_patterns: Optional[torch.Tensor]) -> None:
+    """out += dW, rounded as ``out += grad_weight(...)`` rounds it; no [nnzb, BR, BC] temporary."""
+    for s, e, chunk in _grad_weight_chunks(dy, x, row_idx, col_idx, mask_ids, mask_patterns, *out.shape[1:]):
+        out[s:e] += chunk.to(out.dtype)

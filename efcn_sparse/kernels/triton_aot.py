@@ -6,6 +6,7 @@ shared memory, registers and spills off the result. It needs the kernels as JIT 
 must run in a process where ``TRITON_INTERPRET`` is unset:
 
     python -m efcn_sparse.kernels.triton_aot            # one JSON line per compiled case
+    python -m efcn_sparse.kernels.triton_aot 90 fp64    # the float64 (FMA) cases for sm_90
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ _KERNELS = {"forward": "bsr_forward_kernel", "grad_input": "bsr_grad_input_kerne
 # (kind, dtype, block shape, M, N, batch): the reference layer's shapes, and masked odd ones
 DEFAULT_CASES = [(k, torch.bfloat16, (64, 64), 65536, 65536, 256) for k in _KERNELS] + [
     (k, torch.float32, (80, 48), 1000, 700, 33) for k in _KERNELS]
+# float64 takes the FMA path (no tl.dot): aligned and masked odd shapes
+FLOAT64_CASES = [(k, torch.float64, (64, 64), 4096, 4096, 256) for k in _KERNELS] + [
+    (k, torch.float64, (24, 20), 1000, 700, 33) for k in _KERNELS]
 
 
 def compile_case(kind, dtype, block_shape, M, N, batch, cc=90, config=None, ptxas=True) -> dict:
@@ -49,7 +53,8 @@ def compile_case(kind, dtype, block_shape, M, N, batch, cc=90, config=None, ptxa
     BRP, BCP = tb._side(BR), tb._side(BC)
     meta = dict(config or tb._heuristic(kind, batch, BRP, BCP, dtype))
     consts = dict(BR=BR, BC=BC, BRP=BRP, BCP=BCP, **tb._even(M, N, BR, BC), DOT_PREC=tb._dot_prec(dtype),
-                  ACC_F64=dtype == torch.float64, BLOCK_B=meta["BLOCK_B"], HAS_BIAS=True, HAS_MASK=True)
+                  ACC_F64=dtype == torch.float64, BLOCK_B=meta["BLOCK_B"], HAS_BIAS=True, HAS_MASK=True,
+                  ACCUMULATE=False)
     ints = dict(B=batch, M=M, N=N, B_KEY=min(tb._pow2(batch), 4096), BPR_KEY=8)
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -70,6 +75,7 @@ def compile_case(kind, dtype, block_shape, M, N, batch, cc=90, config=None, ptxa
                **meta, shared_bytes=k.metadata.shared,
                # tiles pipelined through shared memory in 16-byte asynchronous copies
                cp_async_16B=len(re.findall(r"cp\.async\.\w+\.shared\.global.*, 0x10", ptx)),
+               mma=len(re.findall(r"^\s*(?:wg)?mma\.", ptx, re.M)),  # tensor-core instructions (mma.sync, wgmma)
                vector_stores=len(re.findall(r"st\.global\.v[248]", ptx)))
     if ptxas:
         out.update(_ptxas_info(ptx, cc))
@@ -99,9 +105,11 @@ def _ptxas_info(ptx: str, cc: int) -> dict:
 
 
 def main(argv=None) -> int:
-    ccs = [int(c) for c in (argv or sys.argv[1:]) if c.isdigit()] or [90, 80]
+    """Arguments: compute capabilities (default 90 80); ``fp64`` compiles the float64 cases instead."""
+    args = argv or sys.argv[1:]
+    ccs = [int(c) for c in args if c.isdigit()] or [90, 80]
     for cc in ccs:
-        for case in DEFAULT_CASES:
+        for case in FLOAT64_CASES if "fp64" in args else DEFAULT_CASES:
             print(json.dumps(compile_case(*case, cc=cc)), flush=True)
     return 0
 

@@ -7,7 +7,8 @@
 Runs CUDA tensors on a GPU, or CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``
 set before triton is imported). float32 is exact (``input_precision="ieee"``) unless TF32 is
 allowed (``EFCN_TRITON_TF32=1`` or :func:`set_allow_tf32`); float16/bfloat16 use tensor cores;
-accumulation is float32 (float64 for float64).
+accumulation is float32. float64 runs on the FMA units (rank-1 updates, float64 accumulation,
+no ``tl.dot``), exact but slow: ``auto`` prefers the ``cuda`` backend for it.
 
 Launch configurations are autotuned on the GPU, keyed on block shape, batch bucket, blocks per
 row and dtype; ``EFCN_TRITON_AUTOTUNE=0`` (read at each call) uses a fixed heuristic instead,
@@ -26,20 +27,23 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+# Only a failed ``import triton`` makes the backend unavailable (it then says why). An error in
+# our own kernel module is a bug: it propagates, so that it fails loudly instead of hiding as
+# "triton unavailable".
 try:
     import triton
-
+except ImportError as e:
+    triton = None
+    _IMPORT_ERROR: Optional[str] = f"{type(e).__name__}: {e}"
+else:
+    _IMPORT_ERROR = None
     from .triton_bsr_kernels import bsr_forward_kernel, bsr_grad_input_kernel, bsr_grad_weight_kernel
 
-    _IMPORT_ERROR: Optional[str] = None
-except Exception as e:  # no triton, or a broken install: the backend reports why it is unavailable
-    triton = None
-    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
-
-__all__ = ["forward", "grad_input", "grad_weight", "unavailable_reason", "set_allow_tf32", "interpreted"]
+__all__ = ["forward", "grad_input", "grad_weight", "grad_weight_acc", "unavailable_reason", "set_allow_tf32", "interpreted"]
 
 _allow_tf32 = os.environ.get("EFCN_TRITON_TF32", "0") == "1"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+DTYPES = _DTYPES  # read by backends.resolve("auto")
 
 
 def set_allow_tf32(flag: bool) -> None:
@@ -213,12 +217,13 @@ def _grad_input_impl(wrap, dy: Tensor, values: Tensor, ccol_ptr: Tensor, t_row_i
 
 
 def _grad_weight_impl(wrap, dy: Tensor, x: Tensor, row_idx: Tensor, col_idx: Tensor, mask_ids: Optional[Tensor],
-                      mask_patterns: Optional[Tensor], BR: int, BC: int) -> Tensor:
+                      mask_patterns: Optional[Tensor], BR: int, BC: int, out: Optional[Tensor] = None) -> Tensor:
+    """dW, or with ``out``: out += dW in place."""
     _check_dtype(dy)
     B, M = dy.shape
     N = x.shape[1]
     nnzb = row_idx.shape[0]
-    dw = dy.new_empty(nnzb, BR, BC)
+    dw = dy.new_empty(nnzb, BR, BC) if out is None else out
     if _skip_launch(dw):
         return dw
     has_mask = mask_ids is not None and mask_patterns is not None
@@ -230,7 +235,7 @@ def _grad_weight_impl(wrap, dy: Tensor, x: Tensor, row_idx: Tensor, col_idx: Ten
         dy, x, dw, row_idx, col_idx, mask_ids if has_mask else row_idx, pats,
         B, M, N, min(_pow2(B), 4096),
         BR=BR, BC=BC, BRP=BRP, BCP=BCP, **_even(M, N, BR, BC), HAS_MASK=has_mask, DOT_PREC=_dot_prec(dy.dtype),
-        ACC_F64=dy.dtype == torch.float64, **meta,
+        ACC_F64=dy.dtype == torch.float64, ACCUMULATE=out is not None, **meta,
     )
     return dw
 
@@ -243,8 +248,11 @@ def _register():
     lib = torch.library
     if not (hasattr(lib, "triton_op") and hasattr(lib, "wrap_triton")):
         ident = lambda k: k  # noqa: E731
+        def grad_weight_acc_plain(out, *a):
+            _grad_weight_impl(ident, *a, out.shape[1], out.shape[2], out)
+
         return (lambda *a: _forward_impl(ident, *a), lambda *a: _grad_input_impl(ident, *a),
-                lambda *a: _grad_weight_impl(ident, *a))
+                lambda *a: _grad_weight_impl(ident, *a), grad_weight_acc_plain)
 
     def wrap(kernel):
         return kernel if interpreted() else lib.wrap_triton(kernel)
@@ -264,7 +272,12 @@ def _register():
                        mask_patterns: Optional[Tensor], BR: int, BC: int) -> Tensor:
         return _grad_weight_impl(wrap, dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC)
 
-    return forward_op, grad_input_op, grad_weight_op
+    @lib.triton_op("efcn_sparse_triton::grad_weight_acc", mutates_args=("out",))
+    def grad_weight_acc_op(out: Tensor, dy: Tensor, x: Tensor, row_idx: Tensor, col_idx: Tensor,
+                           mask_ids: Optional[Tensor], mask_patterns: Optional[Tensor]) -> None:
+        _grad_weight_impl(wrap, dy, x, row_idx, col_idx, mask_ids, mask_patterns, out.shape[1], out.shape[2], out)
+
+    return forward_op, grad_input_op, grad_weight_op, grad_weight_acc_op
 
 
 _OPS = _register()
@@ -290,3 +303,8 @@ def grad_input(dy, values, ccol_ptr, t_row_idx, t_perm, N: int):
 def grad_weight(dy, x, row_idx, col_idx, mask_ids: Optional[Tensor], mask_patterns: Optional[Tensor], BR: int, BC: int):
     """dW [nnzb, BR, BC] = dY^T X on the stored blocks, times the element mask."""
     return _ops()[2](dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC)
+
+
+def grad_weight_acc(out, dy, x, row_idx, col_idx, mask_ids: Optional[Tensor], mask_patterns: Optional[Tensor]) -> None:
+    """out += dW in place (masked entries of out left as they are), no [nnzb, BR, BC] temporary."""
+    _ops()[3](out, dy, x, row_idx, col_idx, mask_ids, mask_patterns)

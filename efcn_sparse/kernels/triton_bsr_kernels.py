@@ -10,14 +10,28 @@ One source for GPU and interpreter. Conventions shared by the three kernels:
   and the cp.async/TMA pipelining that depends on them.
 * Batch-times-features and block-times-block-size offsets are computed in int64.
 * Loop variables over loaded bounds are cast with ``tl.cast`` (plain ints under the interpreter).
-* Accumulation is float32 (float64 for float64 inputs); ``DOT_PREC`` is the ``input_precision``
-  of ``tl.dot`` ("ieee" for exact float32, "tf32" only when asked for).
+* Accumulation is float32; ``DOT_PREC`` is the ``input_precision`` of ``tl.dot`` ("ieee" for
+  exact float32, "tf32" only when asked for). float64 (``ACC_F64``) never reaches ``tl.dot``,
+  whose float64 lowering differs between Triton releases and GPUs: it takes ``_fma_outer``,
+  rank-1 updates on the FMA units, with float64 accumulation.
 * ``B_KEY`` and ``BPR_KEY`` are unused in the body: they are autotuning keys (batch bucket,
   blocks-per-row bucket).
 """
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _fma_outer(acc, a_ptrs, a_ok, a_step, b_ptrs, b_ok, b_step, K):
+    """acc[p, q] += sum_{k < K} A[p, k] B[k, q] by rank-1 updates, where A[:, k] is at
+    ``a_ptrs + k * a_step`` and B[k, :] at ``b_ptrs + k * b_step`` (the float64 path: no tl.dot)."""
+    for k in range(0, K):
+        k64 = tl.cast(k, tl.int64)
+        a = tl.load(a_ptrs + k64 * a_step, mask=a_ok, other=0.0)
+        b = tl.load(b_ptrs + k64 * b_step, mask=b_ok, other=0.0)
+        acc += a.to(acc.dtype)[:, None] * b.to(acc.dtype)[None, :]
+    return acc
 
 
 @triton.jit
@@ -45,16 +59,21 @@ def bsr_forward_kernel(
     acc = tl.zeros((BLOCK_B, BRP), dtype=tl.float64 if ACC_F64 else tl.float32)
     for k in range(start, end):
         k64 = tl.cast(k, tl.int64)
-        cols = tl.load(col_ptr + k64) * BC + cc
-        if EVEN_N:
-            x = tl.load(x_rows + cols[None, :], mask=b_ok[:, None], other=0.0)
+        if ACC_F64:
+            col0 = tl.load(col_ptr + k64) * BC
+            acc = _fma_outer(acc, x_ptr + offs_b.to(tl.int64) * N + col0, b_ok, 1,
+                             w_ptr + k64 * (BR * BC) + rr * BC, rr < BR, 1, tl.minimum(BC, N - col0))
         else:
-            x = tl.load(x_rows + cols[None, :], mask=b_ok[:, None] & ((cols < N) & (cc < BC))[None, :], other=0.0)
-        if BR == BRP and BC == BCP:
-            wt = tl.load(w_ptr + k64 * (BR * BC) + wt_offs)
-        else:
-            wt = tl.load(w_ptr + k64 * (BR * BC) + wt_offs, mask=wt_ok, other=0.0)
-        acc = tl.dot(x, wt, acc, input_precision=DOT_PREC)
+            cols = tl.load(col_ptr + k64) * BC + cc
+            if EVEN_N:
+                x = tl.load(x_rows + cols[None, :], mask=b_ok[:, None], other=0.0)
+            else:
+                x = tl.load(x_rows + cols[None, :], mask=b_ok[:, None] & ((cols < N) & (cc < BC))[None, :], other=0.0)
+            if BR == BRP and BC == BCP:
+                wt = tl.load(w_ptr + k64 * (BR * BC) + wt_offs)
+            else:
+                wt = tl.load(w_ptr + k64 * (BR * BC) + wt_offs, mask=wt_ok, other=0.0)
+            acc = tl.dot(x, wt, acc, input_precision=DOT_PREC)
     rows = i * BR + rr
     y_ptrs = y_ptr + offs_b.to(tl.int64)[:, None] * M + rows[None, :]
     if EVEN_M:
@@ -95,17 +114,22 @@ def bsr_grad_input_kernel(
     acc = tl.zeros((BLOCK_B, BCP), dtype=tl.float64 if ACC_F64 else tl.float32)
     for k in range(start, end):
         k64 = tl.cast(k, tl.int64)
-        rows = tl.load(trow_ptr + k64) * BR + rr
         p = tl.load(tperm_ptr + k64).to(tl.int64)
-        if EVEN_M:
-            dy = tl.load(dy_rows + rows[None, :], mask=b_ok[:, None], other=0.0)
+        if ACC_F64:
+            row0 = tl.load(trow_ptr + k64) * BR
+            acc = _fma_outer(acc, dy_ptr + offs_b.to(tl.int64) * M + row0, b_ok, 1,
+                             w_ptr + p * (BR * BC) + cc, cc < BC, BC, tl.minimum(BR, M - row0))
         else:
-            dy = tl.load(dy_rows + rows[None, :], mask=b_ok[:, None] & ((rows < M) & (rr < BR))[None, :], other=0.0)
-        if BR == BRP and BC == BCP:
-            w = tl.load(w_ptr + p * (BR * BC) + w_offs)
-        else:
-            w = tl.load(w_ptr + p * (BR * BC) + w_offs, mask=w_ok, other=0.0)
-        acc = tl.dot(dy, w, acc, input_precision=DOT_PREC)
+            rows = tl.load(trow_ptr + k64) * BR + rr
+            if EVEN_M:
+                dy = tl.load(dy_rows + rows[None, :], mask=b_ok[:, None], other=0.0)
+            else:
+                dy = tl.load(dy_rows + rows[None, :], mask=b_ok[:, None] & ((rows < M) & (rr < BR))[None, :], other=0.0)
+            if BR == BRP and BC == BCP:
+                w = tl.load(w_ptr + p * (BR * BC) + w_offs)
+            else:
+                w = tl.load(w_ptr + p * (BR * BC) + w_offs, mask=w_ok, other=0.0)
+            acc = tl.dot(dy, w, acc, input_precision=DOT_PREC)
     cols = j * BC + cc
     dx_ptrs = dx_ptr + offs_b.to(tl.int64)[:, None] * N + cols[None, :]
     if EVEN_N:
@@ -120,10 +144,11 @@ def bsr_grad_weight_kernel(
     B, M, N, B_KEY,
     BR: tl.constexpr, BC: tl.constexpr, BRP: tl.constexpr, BCP: tl.constexpr, EVEN_M: tl.constexpr,
     EVEN_N: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, ACC_F64: tl.constexpr,
-    BLOCK_B: tl.constexpr,
+    ACCUMULATE: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """dW_k[r, c] = sum_b dY[b, row_k*BR + r] X[b, col_k*BC + c], times the element mask:
-    one program per stored block, reducing over the whole batch (deterministic, no atomics)."""
+    one program per stored block, reducing over the whole batch (deterministic, no atomics).
+    ``ACCUMULATE``: dw += dW instead (dW rounded to dw's dtype first, as ``dw += grad_weight`` does)."""
     k64 = tl.program_id(0).to(tl.int64)
     rr = tl.arange(0, BRP)
     cc = tl.arange(0, BCP)
@@ -133,18 +158,22 @@ def bsr_grad_weight_kernel(
     row_ok = (rows < M) & (rr < BR)  # used only when not EVEN_M
     col_ok = (cols < N) & (cc < BC)
     acc = tl.zeros((BRP, BCP), dtype=tl.float64 if ACC_F64 else tl.float32)
-    for b0 in range(0, B, BLOCK_B):
-        offs_b = tl.cast(b0, tl.int64) + bb
-        b_ok = offs_b < B
-        if EVEN_M:
-            dyt = tl.load(dy_ptr + offs_b[None, :] * M + rows[:, None], mask=b_ok[None, :], other=0.0)
-        else:
-            dyt = tl.load(dy_ptr + offs_b[None, :] * M + rows[:, None], mask=row_ok[:, None] & b_ok[None, :], other=0.0)
-        if EVEN_N:
-            x = tl.load(x_ptr + offs_b[:, None] * N + cols[None, :], mask=b_ok[:, None], other=0.0)
-        else:
-            x = tl.load(x_ptr + offs_b[:, None] * N + cols[None, :], mask=b_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(dyt, x, acc, input_precision=DOT_PREC)
+    if ACC_F64:
+        acc = _fma_outer(acc, dy_ptr + rows, row_ok, M, x_ptr + cols, col_ok, N, B)
+    else:
+        for b0 in range(0, B, BLOCK_B):
+            offs_b = tl.cast(b0, tl.int64) + bb
+            b_ok = offs_b < B
+            if EVEN_M:
+                dyt = tl.load(dy_ptr + offs_b[None, :] * M + rows[:, None], mask=b_ok[None, :], other=0.0)
+            else:
+                dyt = tl.load(dy_ptr + offs_b[None, :] * M + rows[:, None], mask=row_ok[:, None] & b_ok[None, :],
+                              other=0.0)
+            if EVEN_N:
+                x = tl.load(x_ptr + offs_b[:, None] * N + cols[None, :], mask=b_ok[:, None], other=0.0)
+            else:
+                x = tl.load(x_ptr + offs_b[:, None] * N + cols[None, :], mask=b_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(dyt, x, acc, input_precision=DOT_PREC)
     w_offs = rr[:, None] * BC + cc[None, :]
     w_ok = (rr[:, None] < BR) & (cc[None, :] < BC)
     full = BR == BRP and BC == BCP
@@ -155,7 +184,13 @@ def bsr_grad_weight_kernel(
         else:
             keep = tl.load(mask_pat_ptr + pat * (BR * BC) + w_offs, mask=w_ok, other=0)
         acc = tl.where(keep != 0, acc, 0.0)  # exact zeros, even where the sums are NaN
+    out = acc.to(dw_ptr.dtype.element_ty)
     if full:
-        tl.store(dw_ptr + k64 * (BR * BC) + w_offs, acc.to(dw_ptr.dtype.element_ty))
+        if ACCUMULATE:
+            out = (tl.load(dw_ptr + k64 * (BR * BC) + w_offs).to(acc.dtype) + out.to(acc.dtype)).to(out.dtype)
+        tl.store(dw_ptr + k64 * (BR * BC) + w_offs, out)
     else:
-        tl.store(dw_ptr + k64 * (BR * BC) + w_offs, acc.to(dw_ptr.dtype.element_ty), mask=w_ok)
+        if ACCUMULATE:
+            old = tl.load(dw_ptr + k64 * (BR * BC) + w_offs, mask=w_ok, other=0.0)
+            out = (old.to(acc.dtype) + out.to(acc.dtype)).to(out.dtype)
+        tl.store(dw_ptr + k64 * (BR * BC) + w_offs, out, mask=w_ok)
