@@ -24,14 +24,16 @@ $(STAMP): $(VENV)/.deps $(EXT_SOURCES)
 # /usr/share/datasets/fashion-mnist); without root its files are extracted into data/fashion-mnist.
 FMNIST_SYS := /usr/share/datasets/fashion-mnist
 FMNIST_LOCAL := data/fashion-mnist
-# The quick default of `make run`: 1000/1000 Fashion-MNIST examples, the paper's small CNN at width
-# 16, T = 10 epochs, relax times 0,1,3,5,10; under 10 minutes on 2 CPU cores even with the
-# pure-PyTorch reference kernels. THREADS=1 is robust when other jobs share the cores (competing
-# OpenMP threads slow small ops 5-10x); use THREADS=2 on an idle machine.
+# The quick default of `make run`: 2000/1000 Fashion-MNIST examples, the paper's small CNN at width
+# 16, T = 10 epochs, relax times 0,1,3,5,10, 5 seeds (error bars, and a claims table that can decide
+# at n = 5); about 6 minutes on one core of an idle 2-core CPU with the C++ backend (about a minute
+# per seed). THREADS=1 is robust when other jobs share the cores (competing OpenMP threads slow
+# small ops 5-10x); use THREADS=2 on an idle machine.
 RUN_DIR ?= runs/fashion-mnist-quick
 THREADS ?= 1
-RELAX_ARGS ?= --dataset fashion-mnist --model skinny --width 16 --train-size 1000 --test-size 1000 \
-	--epochs 10 --relax-times 0,1,3,5,10 --batch-size 50 --lr 0.03 --lr-schedule cosine --momentum 0.9
+RELAX_ARGS ?= --dataset fashion-mnist --model skinny --width 16 --train-size 2000 --test-size 1000 \
+	--epochs 10 --relax-times 0,1,3,5,10 --batch-size 50 --lr 0.03 --lr-schedule cosine --momentum 0.9 \
+	--n-seeds 5
 
 data:
 	@if [ -f $(FMNIST_SYS)/t10k-labels-idx1-ubyte.gz ] || [ -f $(FMNIST_LOCAL)/t10k-labels-idx1-ubyte.gz ]; then \

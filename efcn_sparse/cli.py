@@ -2,13 +2,13 @@
 
 * ``efcn relax``: the relax-time protocol (CNN, eFCN relaxed at each t_w, FCN baseline) into a run dir.
 * ``efcn plot RUN_DIR``: redraw the figures; ``efcn summary RUN_DIR``: print the results table.
-* ``efcn merge RUN_DIRS... -o OUT``: join runs that split the relax times.
+* ``efcn merge RUN_DIRS... -o OUT``: join runs that split the seeds and relax times.
 * ``efcn demo``: embed a conv, check equivalence, print the memory table.
 * ``efcn plan``: the per-rank memory plan of a model's eFCN sharded over N ranks.
 * ``efcn export CKPT_DIR -o FILE``: a sharded (``--fsdp``) checkpoint as one state_dict file.
 
 Run ``efcn relax`` under ``torchrun --nproc_per_node N`` for data parallelism (gloo on CPU, NCCL on GPU);
-``--fsdp`` shards the eFCN layers across the ranks (FSDP2).
+``--fsdp`` shards the eFCN layers across the ranks (FSDP2), ``--parallel seeds`` shares the seeds out.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _int_list(s: str) -> List[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,3, got {s!r}") from None
     if not vals:
-        raise argparse.ArgumentTypeError("expected at least one relax time")
+        raise argparse.ArgumentTypeError("expected at least one integer")
     return vals
 
 
@@ -99,8 +99,8 @@ def _non_negative(kind):
     return parse
 
 
-def _add_relax(sub) -> None:
-    from .protocol import RelaxConfig
+def _add_relax(sub) -> argparse.ArgumentParser:
+    from .protocol import PRESET_COST, PRESETS, RelaxConfig
 
     d = RelaxConfig()
     p = sub.add_parser(
@@ -108,6 +108,9 @@ def _add_relax(sub) -> None:
         description="Train the CNN for EPOCHS epochs, relax it into an eFCN at each relax time t_w and keep "
                     "training in FCN space, and train the FCN baseline; write metrics, summary and figures.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a named setting; options given explicitly override it. paper: "
+                        + _preset_text(PRESETS["paper"]) + "; cost " + PRESET_COST["paper"])
     g = p.add_argument_group("model")
     g.add_argument("--model", default=d.model,
                    help="skinny (the paper's small CNN), alexnet, resnet18, vgg, or module:function for your own "
@@ -143,10 +146,20 @@ def _add_relax(sub) -> None:
     g.add_argument("--weight-decay", type=_non_negative(float), default=d.weight_decay)
     g.add_argument("--batch-size", type=_positive(int), default=d.batch_size, help="global batch (split across ranks)")
     g.add_argument("--eval-batch-size", type=_positive(int), default=d.eval_batch_size)
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--seed", type=_non_negative(int), default=d.seed, help="the (first) seed")
+    s = g.add_mutually_exclusive_group()
+    s.add_argument("--seeds", type=_int_list, default=None,
+                   help="comma-separated seeds: every arm is trained for each; the CNN of seed s parents the eFCNs "
+                        "of seed s (split seeds across jobs and join the runs with `efcn merge`)")
+    s.add_argument("--n-seeds", type=_positive(int), default=None, help="seeds SEED, SEED+1, ..., SEED+N-1")
+    g.add_argument("--last-k", type=_positive(int), default=d.last_k,
+                   help="final accuracy: the mean of the last K epochs of each arm (the best epoch is given beside)")
     g = p.add_argument_group("execution")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 (torchrun: each rank its local GPU)")
     g.add_argument("--backend", default=None, help="kernel backend: auto, reference, cpu, triton, cuda")
+    g.add_argument("--parallel", choices=("data", "seeds"), default=d.parallel,
+                   help="under torchrun: 'data' trains each arm data-parallel (DDP) on all ranks; 'seeds' shares the "
+                        "seeds out (rank r trains seeds[r::world] alone, with single-process numbers)")
     g.add_argument("--threads", type=_positive(int), default=None,
                    help="CPU threads per process (default: torch's; 1 avoids oversubscription on a busy machine)")
     g.add_argument("--fsdp", action="store_true",
@@ -157,14 +170,31 @@ def _add_relax(sub) -> None:
                    help="with --fsdp: the dtype layers are gathered and computed in (mixed precision)")
     g.add_argument("--out", "-o", default="runs/relax", help="run directory")
     g.add_argument("--resume", action="store_true", help="continue the run in --out (or start it when empty)")
+    g.add_argument("--from-older", action="store_true",
+                   help="with --resume: an arm whose checkpoint is corrupt continues from an older one (the CNN "
+                        "from its last snapshot at a relax time, an eFCN or the FCN from its start)")
     g.add_argument("--force", action="store_true", help="overwrite the run in --out")
     g.add_argument("--no-plots", dest="plots", action="store_false", help="skip the figures")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bars or log lines")
     p.set_defaults(func=_relax)
+    return p
+
+
+def _preset_text(preset: dict) -> str:
+    return ", ".join(f"{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}"
+                     for k, v in preset.items() if v is not None and k not in ("fcn", "after"))
+
+
+def _seeds(args) -> Optional[List[int]]:
+    if args.seeds is not None:
+        return args.seeds
+    if args.n_seeds is not None:
+        return list(range(args.seed, args.seed + args.n_seeds))
+    return None
 
 
 def _relax(args) -> int:
-    from .protocol import RelaxConfig, relax
+    from .protocol import CorruptCheckpoint, RelaxConfig, relax
 
     cfg = RelaxConfig(model=args.model, width=args.width, dataset=args.dataset, data_dir=args.data_dir,
                       download=args.download, train_size=args.train_size, test_size=args.test_size,
@@ -173,9 +203,19 @@ def _relax(args) -> int:
                       fcn=args.fcn, optimizer=args.optimizer, lr=args.lr, lr_schedule=args.lr_schedule,
                       momentum=args.momentum,
                       weight_decay=args.weight_decay, batch_size=args.batch_size,
-                      eval_batch_size=args.eval_batch_size, seed=args.seed, device=args.device, backend=args.backend,
-                      threads=args.threads, fsdp=args.fsdp, param_dtype=args.param_dtype)
-    res = relax(cfg, out=args.out, resume=args.resume, force=args.force, quiet=args.quiet, plots=args.plots)
+                      eval_batch_size=args.eval_batch_size, seed=args.seed, seeds=_seeds(args), last_k=args.last_k,
+                      device=args.device, backend=args.backend, threads=args.threads,
+                      parallel=args.parallel, fsdp=args.fsdp, param_dtype=args.param_dtype)
+    run = dict(out=args.out, resume=args.resume, force=args.force, quiet=args.quiet, plots=args.plots)
+    try:
+        res = relax(cfg, from_older=args.from_older, **run)
+    except CorruptCheckpoint as e:
+        if not (args.resume and sys.stdin.isatty() and sys.stderr.isatty()):
+            raise
+        print(f"efcn relax: {e}", file=sys.stderr)
+        if input(f"continue from {e.older}? [y/N] ").strip().lower() not in ("y", "yes"):
+            return 2
+        res = relax(cfg, from_older=True, **run)
     import os
 
     if not args.quiet and int(os.environ.get("RANK", "0")) == 0:
@@ -192,9 +232,9 @@ def _plot(args) -> int:
 
 
 def _summary(args) -> int:
-    from .protocol import summarize
+    from .results import summarize
 
-    print(summarize(args.run_dir)["markdown"], end="")
+    print(summarize(args.run_dir, last_k=args.last_k)["markdown"], end="")
     return 0
 
 
@@ -231,9 +271,11 @@ def _export(args) -> int:
 
 
 def _merge(args) -> int:
-    from .protocol import merge
+    from .results import merge
 
-    res = merge(args.run_dirs, args.out, force=args.force, plots=args.plots)
+    res = merge(args.run_dirs, args.out, force=args.force)
+    if args.plots:
+        _plot(argparse.Namespace(run_dir=args.out, out=None))
     print(res["markdown"], end="")
     return 0
 
@@ -251,13 +293,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo.add_argument("--batch", type=int, default=8)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
-    _add_relax(sub)
+    relax_parser = _add_relax(sub)
     p = sub.add_parser("plot", help="redraw the figures of a run directory")
     p.add_argument("run_dir")
     p.add_argument("--out", "-o", default=None, help="folder for the PNGs (default RUN_DIR/figures)")
     p.set_defaults(func=_plot)
-    p = sub.add_parser("summary", help="print the results table of a run directory")
+    p = sub.add_parser("summary", help="print the results table and the paper's claims of a run directory")
     p.add_argument("run_dir")
+    p.add_argument("--last-k", type=_positive(int), default=None,
+                   help="final accuracy: mean of the last K epochs (default: the run's --last-k)")
     p.set_defaults(func=_summary)
     p = sub.add_parser("plan", help="per-rank memory of a model's eFCN sharded by FSDP over N ranks")
     p.add_argument("--model", default="resnet18")
@@ -275,16 +319,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--layers", action="store_true", help="also print the per-layer table")
     p.set_defaults(func=_plan)
     p = sub.add_parser("export", help="convert a sharded (--fsdp) checkpoint directory into one state_dict file")
-    p.add_argument("checkpoint", help="a checkpoints/ARM.dcp directory")
+    p.add_argument("checkpoint", help="a checkpoints/seedS/ARM.dcp directory")
     p.add_argument("--out", "-o", required=True)
     p.set_defaults(func=_export)
-    p = sub.add_parser("merge", help="join runs that split the relax times into one run directory")
+    p = sub.add_parser("merge", help="join runs that split the seeds and relax times into one run directory")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", "-o", required=True)
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
     p.add_argument("--no-plots", dest="plots", action="store_false")
     p.set_defaults(func=_merge)
     args = parser.parse_args(argv)
+    if getattr(args, "preset", None):  # the preset's values become the defaults; explicit options win
+        from .protocol import PRESETS
+
+        preset = dict(PRESETS[args.preset])
+        preset["n_seeds"] = len(preset.pop("seeds"))  # so that an explicit --seeds or --n-seeds wins
+        relax_parser.set_defaults(**preset)
+        args = parser.parse_args(argv)
     try:
         return args.func(args)
     except (RunError, DataError, FloatingPointError, MemoryError, FileNotFoundError) as e:

@@ -1,7 +1,11 @@
 """Figures of a relax run (matplotlib, PNG), redrawn from ``metrics.jsonl`` by ``efcn plot RUN_DIR``.
 
-* ``relax_final_acc.png``: final test accuracy against the relax time t_w, with the CNN and the
-  FCN as horizontal lines (the paper's main figure), and the eFCNs projected back to CNNs.
+Every figure shows the mean over the run's seeds with a band or error bars of one standard
+deviation (none with a single seed); the legend gives n.
+
+* ``relax_final_acc.png``: final test accuracy (mean of the last k epochs) against the relax time
+  t_w, with the CNN and the FCN as horizontal lines (the paper's main figure), and the eFCNs
+  projected back to CNNs.
 * ``test_acc_epochs.png``: test accuracy over epochs for every arm.
 * ``deviation.png``: deviation from the CNN subspace (total, off-local, sharing) over the epochs
   after relaxing, per t_w.
@@ -12,7 +16,11 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .results import arm_finals, load_run
 
 __all__ = ["plot_run", "FIGURES"]
 
@@ -29,13 +37,33 @@ def _pyplot():
     return plt
 
 
-def _by_arm(rows: List[dict]) -> Dict[str, List[dict]]:
-    out: Dict[str, List[dict]] = {}
+def _mean_std(values: Sequence[Sequence[float]]) -> Tuple[np.ndarray, np.ndarray]:
+    """Mean and sample std (0 for one value) over the first axis, ignoring missing (None/NaN) entries."""
+    a = np.array([[np.nan if v is None else v for v in vs] for vs in values], dtype=float).reshape(len(values), -1)
+    ok = ~np.isnan(a)
+    n = ok.sum(axis=0)
+    filled = np.where(ok, a, 0.0)
+    mean = filled.sum(axis=0) / np.maximum(n, 1)
+    var = (np.where(ok, a - mean, 0.0) ** 2).sum(axis=0) / np.maximum(n - 1, 1)
+    return np.where(n > 0, mean, np.nan), np.sqrt(var)
+
+
+def _curves(rows: List[dict], arm: str, key: str, x: str = "epoch") -> Tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """x, mean and std over the seeds of ``key`` per ``x`` for one arm, and the number of seeds."""
+    per: Dict[int, Dict[float, float]] = {}
     for r in rows:
-        out.setdefault(r["arm"], []).append(r)
-    for v in out.values():
-        v.sort(key=lambda r: r["epochs_trained"])
-    return out
+        if r["arm"] == arm and r.get(key) is not None:
+            per.setdefault(r["seed"], {})[r[x]] = r[key]
+    xs = sorted({v for d in per.values() for v in d})
+    mean, std = _mean_std([[d.get(v) for v in xs] for d in per.values()])
+    return np.array(xs), mean, std, len(per)
+
+
+def _band(ax, x, mean, std, color, **kw):
+    line = ax.plot(x, mean, color=color, **kw)
+    if np.any(std > 0):
+        ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15, lw=0)
+    return line
 
 
 def _colors(plt, times):
@@ -46,20 +74,26 @@ def _colors(plt, times):
 
 def plot_run(run_dir: str, out_dir: Optional[str] = None) -> List[str]:
     """Draw the figures of ``run_dir`` into ``out_dir`` (default RUN_DIR/figures); returns their paths."""
-    from .protocol import _final_rows, load_run
-
     plt = _pyplot()
     meta, rows = load_run(run_dir)
     out_dir = out_dir or os.path.join(run_dir, "figures")
     os.makedirs(out_dir, exist_ok=True)
-    arms = _by_arm(rows)
-    fin = _final_rows(meta, rows)
+    k = int(meta["config"].get("last_k") or 3)
+    finals = arm_finals(meta, rows, k)
+    present = {a for _, a in finals}
     cfg, data = meta["config"], meta["data"]
-    title = f"{cfg['model']} on {data['name']} ({data['train_size']} train), T={cfg['epochs']}, halo={cfg['halo']}"
-    efcn = sorted((a for a in meta["arms"] if a["kind"] == "efcn" and a["arm"] in fin), key=lambda a: a["t_w"])
+    n_seeds = len({s for s, _ in finals})
+    title = (f"{cfg['model']} on {data['name']} ({data['train_size']} train), T={cfg['epochs']}, halo={cfg['halo']}, "
+             f"{n_seeds} seed{'s' if n_seeds != 1 else ''}" + (" (mean ± std)" if n_seeds > 1 else ""))
+    efcn = sorted((a for a in meta["arms"] if a["kind"] == "efcn" and a["arm"] in present), key=lambda a: a["t_w"])
     times = [a["t_w"] for a in efcn]
     col = _colors(plt, times)
     paths = []
+
+    def final(arm: str, key: str) -> Tuple[float, float, int]:
+        vals = [f[key] for (s, a), f in finals.items() if a == arm and f.get(key) is not None]
+        m, sd = _mean_std([[v] for v in vals])
+        return (float(m[0]), float(sd[0]), len(vals)) if vals else (np.nan, 0.0, 0)
 
     def save(fig, name):
         p = os.path.join(out_dir, name)
@@ -71,19 +105,24 @@ def plot_run(run_dir: str, out_dir: Optional[str] = None) -> List[str]:
     # 1. final test accuracy vs relax time (the paper's main figure)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     if efcn:
-        ax.plot(times, [100 * fin[a["arm"]]["test_acc"] for a in efcn], "o-", color="C2", label="eFCN (relaxed at t_w)")
-        ax.plot(times, [100 * fin[a["arm"]]["proj_test_acc"] for a in efcn], "s--", color="C2", alpha=0.5,
-                markersize=4, label="eFCN projected to a CNN")
-    for arm, color, label in (("cnn", "C0", "CNN"), ("fcn", "C3", "FCN from scratch")):
-        if arm in fin:
-            ax.axhline(100 * fin[arm]["test_acc"], color=color, ls="-" if arm == "cnn" else ":", label=label)
+        for key, fmt, alpha, label in (("final_test_acc", "o-", 1.0, "eFCN (relaxed at t_w)"),
+                                       ("final_proj_test_acc", "s--", 0.5, "eFCN projected to a CNN")):
+            st = [final(a["arm"], key) for a in efcn]
+            ax.errorbar(times, [100 * m for m, _, _ in st], yerr=[100 * sd for _, sd, _ in st], fmt=fmt,
+                        color="C2", alpha=alpha, capsize=3, markersize=5 if alpha == 1 else 4, label=label)
+    for arm, color, ls, label in (("cnn", "C0", "-", "CNN"), ("fcn", "C3", ":", "FCN from scratch")):
+        if arm in present:
+            m, sd, n = final(arm, "final_test_acc")
+            ax.axhline(100 * m, color=color, ls=ls, label=f"{label} (n={n})")
+            if sd > 0:
+                ax.axhspan(100 * (m - sd), 100 * (m + sd), color=color, alpha=0.12, lw=0)
     ax.set_xscale("symlog", linthresh=1)
     if times:
         ax.set_xticks(times)
         ax.set_xticklabels([str(t) for t in times])
         ax.minorticks_off()
     ax.set_xlabel("relax time t_w (epochs of CNN training)")
-    ax.set_ylabel("final test accuracy (%)")
+    ax.set_ylabel(f"final test accuracy (%, mean of last {k} epochs)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -92,13 +131,12 @@ def plot_run(run_dir: str, out_dir: Optional[str] = None) -> List[str]:
     # 2. test accuracy over epochs, every arm
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for arm, color, label in (("cnn", "C0", "CNN"), ("fcn", "C3", "FCN")):
-        if arm in arms:
-            ax.plot([r["epoch"] for r in arms[arm]], [100 * r["test_acc"] for r in arms[arm]], color=color, lw=2,
-                    label=label)
+        if arm in present:
+            x, m, sd, _ = _curves(rows, arm, "test_acc")
+            _band(ax, x, 100 * m, 100 * sd, color, lw=2, label=label)
     for a in efcn:
-        rs = arms[a["arm"]]
-        ax.plot([r["epoch"] for r in rs], [100 * r["test_acc"] for r in rs], color=col[a["t_w"]], lw=1,
-                label=f"eFCN t_w={a['t_w']}")
+        x, m, sd, _ = _curves(rows, a["arm"], "test_acc")
+        _band(ax, x, 100 * m, 100 * sd, col[a["t_w"]], lw=1, label=f"eFCN t_w={a['t_w']}")
     ax.set_xlabel("epoch (CNN epochs before relaxing + eFCN epochs after)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title, fontsize=9)
@@ -112,12 +150,11 @@ def plot_run(run_dir: str, out_dir: Optional[str] = None) -> List[str]:
                               ("total ||W - P(W)|| / ||W||", "off-local ||W_off|| / ||W||",
                                "sharing ||W_loc - P(W)|| / ||W||")):
         for a in efcn:
-            rs = arms[a["arm"]]
-            ax.plot([r["epochs_trained"] for r in rs], [r[key] for r in rs], "o-", ms=3, color=col[a["t_w"]],
-                    label=f"t_w={a['t_w']}")
-        if "fcn" in arms:
-            rs = arms["fcn"]
-            ax.plot([r["epochs_trained"] for r in rs], [r[key] for r in rs], ":", color="C3", label="FCN")
+            x, m, sd, _ = _curves(rows, a["arm"], key, x="epochs_trained")
+            _band(ax, x, m, sd, col[a["t_w"]], marker="o", ms=3, label=f"t_w={a['t_w']}")
+        if "fcn" in present:
+            x, m, sd, _ = _curves(rows, "fcn", key, x="epochs_trained")
+            _band(ax, x, m, sd, "C3", ls=":", label="FCN")
         ax.set_xlabel("epochs after relaxing")
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
@@ -129,14 +166,18 @@ def plot_run(run_dir: str, out_dir: Optional[str] = None) -> List[str]:
     # 4. final off-local weight norm by distance beyond the receptive field
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     drawn = False
-    for a in efcn + ([{"arm": "fcn", "t_w": None}] if "fcn" in fin else []):
-        prof = fin[a["arm"]].get("offlocal_by_distance") or []
-        if not any(v > 0 for v in prof):
+    for a in efcn + ([{"arm": "fcn", "t_w": None}] if "fcn" in present else []):
+        profs = [f.get("offlocal_by_distance") or [] for (s, arm), f in finals.items() if arm == a["arm"]]
+        width = max((len(p) for p in profs), default=0)
+        if not width:
             continue
-        d = [i for i, v in enumerate(prof) if v > 0]
+        m, sd = _mean_std([list(p) + [None] * (width - len(p)) for p in profs])
+        d = [i for i in range(width) if m[i] > 0]
+        if not d:
+            continue
         color = "C3" if a["t_w"] is None else col[a["t_w"]]
-        ax.plot(d, [prof[i] for i in d], "o-", ms=3, color=color,
-                label="FCN" if a["t_w"] is None else f"t_w={a['t_w']}")
+        ax.errorbar(d, m[d], yerr=sd[d], fmt="o-", ms=3, capsize=2, color=color,
+                    label="FCN" if a["t_w"] is None else f"t_w={a['t_w']}")
         drawn = True
     if drawn:
         ax.set_yscale("log")

@@ -1,6 +1,7 @@
 """The relax-time protocol of d'Ascoli et al. (2019), end to end, resumable and data-parallel.
 
-For a model, a data set and a budget of T epochs:
+For a model, a data set, a budget of T epochs and each seed s (``seeds``; seed s fixes the data
+subset, the initialisations and the shuffling):
 
 1. ``cnn``: train the CNN for T epochs, keeping its weights at each relax time t_w of a grid
    (default: the authors' log-spaced grid 0, 1, 2, 3, 5, ... up to T).
@@ -15,10 +16,13 @@ epoch; rows with no training yet are evaluated on the train set in eval mode), t
 time and peak memory; FCN-space arms add the deviation from the CNN subspace (whole model, per
 layer, off-local norm by distance) and the test accuracy of the model projected back to a CNN.
 
-Run directory: ``config.json``, ``metrics.jsonl`` (every field; the source of truth),
-``metrics.csv`` (flat fields), ``summary.md``, ``figures/*.png`` and ``checkpoints/`` (one per arm,
-written atomically every epoch, plus the CNN at each relax time). ``resume=True`` continues an
-interrupted run from its last checkpoints with identical metrics; ``force=True`` starts over.
+Run directory: ``config.json``, ``metrics.jsonl`` (every field, one row per seed, arm and epoch;
+the source of truth), ``metrics.csv`` (flat fields, plus mean and std rows over the seeds),
+``summary.md`` (statistics over the seeds and the paper's claims, see ``results.py``),
+``figures/*.png`` and ``checkpoints/seed{s}/`` (one per arm, written atomically every epoch, plus
+the CNN at each relax time). ``resume=True`` continues an interrupted run from its last checkpoints
+with identical metrics (and may add seeds); ``force=True`` starts over. The module writes runs;
+``results.py`` reads, summarises and merges them.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import inspect
 import json
 import math
 import os
-import shutil
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -39,19 +43,28 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from . import results as R
 from . import sharding as S
 from . import training as T
 from .data import DataInfo, load_data
+from .results import CSV_FIELDS, RunError, load_run, summarize
 
 __all__ = ["RelaxConfig", "relax", "relax_grid", "build_model", "merge", "load_run", "summarize", "RunError",
-           "CSV_FIELDS"]
+           "CSV_FIELDS", "PRESETS", "CorruptCheckpoint"]
 
 Halo = Union[int, str]
 LR_SCHEDULES = ("constant", "cosine")
+PARALLEL = ("data", "seeds")  # under torchrun: DDP over each arm, or the seeds shared out over the ranks
 
 
-class RunError(RuntimeError):
-    """A run that cannot start or continue as asked (bad options, an existing directory, a mismatch)."""
+class CorruptCheckpoint(RunError):
+    """An arm's checkpoint cannot be loaded; ``older`` says what the arm can continue from instead
+    (``relax(..., from_older=True)``, ``efcn relax --resume --from-older``)."""
+
+    def __init__(self, path: str, cause: Exception, older: str):
+        self.path, self.older = path, older
+        super().__init__(f"checkpoint {path} is corrupt ({type(cause.__cause__ or cause).__name__}); it can continue "
+                         f"from {older}: resume with --from-older for that, or use --force to start over")
 
 
 @dataclass
@@ -80,10 +93,13 @@ class RelaxConfig:
     weight_decay: float = 0.0
     batch_size: int = 250
     eval_batch_size: int = 1000
-    seed: int = 0
+    seed: int = 0  # the seed of a one-seed run
+    seeds: Optional[List[int]] = None  # every seed (None: [seed]); seed s trains every arm, its CNN parents its eFCNs
+    last_k: int = R.LAST_K  # final accuracy: mean of the last k epochs (summary only)
     device: str = "auto"
     backend: Optional[str] = None
     threads: Optional[int] = None  # torch CPU threads (None: torch's default)
+    parallel: str = "data"  # under torchrun: "data" (DDP) or "seeds" (rank r trains seeds[r::world] alone)
     fsdp: bool = False  # FCN-space arms sharded by FSDP2 (efcn_sparse.sharding), checkpoints through DCP
     param_dtype: Optional[str] = None  # with fsdp: the dtype layers are gathered and computed in
 
@@ -139,6 +155,14 @@ class RelaxConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 bad(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        self._validate_seeds(bad)
+        if self.last_k < 1:
+            bad(f"--last-k must be >= 1, got {self.last_k}")
+        if self.parallel not in PARALLEL:
+            bad(f"--parallel must be one of {', '.join(PARALLEL)}, got {self.parallel!r}")
+        if self.parallel == "seeds" and self.fsdp:
+            bad("--fsdp shards every arm over the ranks and --parallel seeds gives each rank its own seeds: "
+                "choose one")
         if self.backend is not None and self.backend not in CHOICES:
             bad(f"--backend must be one of {', '.join(CHOICES)}, got {self.backend!r}")
         from .sharding import DTYPES
@@ -147,6 +171,20 @@ class RelaxConfig:
             bad(f"--param-dtype needs --fsdp and one of {', '.join(DTYPES)}, got {self.param_dtype!r}"
                 + ("" if self.fsdp else " without --fsdp"))
         return self
+
+    def _validate_seeds(self, bad) -> None:
+        if self.seeds is None:
+            return
+        seeds = list(self.seeds)
+        if not seeds or any(not isinstance(v, (int, np.integer)) or v < 0 for v in seeds):
+            bad(f"--seeds must be one or more integers >= 0, got {seeds}")
+        if len(set(seeds)) != len(seeds):
+            bad(f"--seeds has duplicates: {seeds}")
+        self.seeds = [int(v) for v in seeds]
+        self.seed = self.seeds[0]
+
+    def resolved_seeds(self) -> List[int]:
+        return list(self.seeds) if self.seeds is not None else [int(self.seed)]
 
     def resolved_relax_times(self) -> List[int]:
         return list(self.relax_times) if self.relax_times is not None else relax_grid(self.epochs, self.n_relax)
@@ -166,6 +204,13 @@ class RelaxConfig:
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(epoch, horizon) / horizon))
 
     @classmethod
+    def preset(cls, name: str, **overrides) -> "RelaxConfig":
+        """The named setting of :data:`PRESETS` with ``overrides`` on top."""
+        if name not in PRESETS:
+            raise RunError(f"unknown preset {name!r}: expected one of {', '.join(PRESETS)}")
+        return cls(**dict(PRESETS[name], **overrides))
+
+    @classmethod
     def from_dict(cls, d: dict) -> "RelaxConfig":
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
@@ -178,9 +223,27 @@ class RelaxConfig:
 
 
 # may differ between a run and its resumption (they do not change the numbers, or only by rounding)
-_NOT_COMPARED = {"device", "backend", "data_dir", "download", "eval_batch_size", "threads"}
-# may differ between runs that are merged
-_MERGE_FREE = _NOT_COMPARED | {"relax_times", "n_relax", "fcn", "fsdp"}
+_NOT_COMPARED = {"device", "backend", "data_dir", "download", "eval_batch_size", "threads", "last_k", "seed", "seeds",
+                 "parallel"}
+
+
+# Named settings (``--preset``); options given explicitly override them.
+PRESETS: Dict[str, dict] = {
+    # The paper's setting: its small CNN at width 64 on the full Fashion-MNIST (60k/10k), plain SGD
+    # lr 0.1 batch 250, the log-spaced relax times 0,1,2,4,8,13,23,39, halo "full", 3 seeds. T = 40:
+    # twice the T = 20 of issue 13's H200 run (CNN at 90.7 %, test accuracy still moving by points
+    # between epochs), so that the CNN has converged (not verified on the full data). Cost: 3 x (40 CNN
+    # + 270 eFCN/FCN epochs); see PRESET_COST.
+    "paper": dict(model="skinny", width=64, dataset="fashion-mnist", train_size=None, test_size=None, epochs=40,
+                  relax_times=None, n_relax=8, after=None, halo="full", fcn=True, optimizer="sgd", lr=0.1,
+                  lr_schedule="constant", momentum=0.0, weight_decay=0.0, batch_size=250, seeds=[0, 1, 2]),
+}
+PRESET_COST = {
+    "paper": "about 15-20 minutes on one H200 (3 x (40 x 0.5 s + 270 x 1.0 s) of training, from the epoch times "
+             "measured there at T = 20, plus evaluation) and 1 to 2 days on 2 CPU cores (about 90 s per CNN and "
+             "210 s per eFCN epoch with evaluation on one core, extrapolated from 2000-image epochs: 50 hours on "
+             "one core, 25-30 hours if the second core gives 1.7-2x, which was not measured)",
+}
 
 
 def relax_grid(epochs: int, n: int = 8) -> List[int]:
@@ -235,82 +298,17 @@ def build_model(spec: Union[str, Callable[..., nn.Module]], info: DataInfo, widt
     return model
 
 
-# ---------------------------------------------------------------------------------------- metrics I/O
-CSV_FIELDS = ["arm", "kind", "t_w", "epoch", "epochs_trained", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
-              "proj_test_loss", "proj_test_acc", "deviation", "offlocal_ratio", "sharing_deviation",
-              "bias_deviation", "weight_norm", "epoch_time_s", "eval_time_s", "peak_mem_mb"]
-_TIMING_FIELDS = ("epoch_time_s", "eval_time_s", "peak_mem_mb")
-_ARTIFACTS = ("config.json", "metrics.jsonl", "metrics.csv", "summary.md", "figures", "checkpoints")
-
-
-def _read_jsonl(path: str) -> List[dict]:
-    rows = []
-    if not os.path.exists(path):
-        return rows
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a kill: its epoch is redone on resume
-                continue
-    return _dedupe(rows)
-
-
-def _dedupe(rows: List[dict]) -> List[dict]:
-    """Keep the last row of each (arm, epochs_trained), in first-seen order."""
-    out: Dict[Tuple[str, int], dict] = {}
-    for r in rows:
-        out[(r["arm"], r["epochs_trained"])] = r
-    return sorted(out.values(), key=lambda r: (_arm_order(r), r["epochs_trained"]))
-
-
-def _arm_order(r: dict) -> Tuple[int, float]:
-    return ({"cnn": 0, "efcn": 1, "fcn": 2}.get(r["kind"], 3), -1 if r.get("t_w") is None else r["t_w"])
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    T.atomic_write(path, lambda f: f.write(text), binary=False)
-
-
-def _csv_text(rows: List[dict]) -> str:
-    def fmt(v):
-        if v is None:
-            return ""
-        if isinstance(v, float):
-            return repr(v)
-        return str(v)
-
-    lines = [",".join(CSV_FIELDS)]
-    lines += [",".join(fmt(r.get(k)) for k in CSV_FIELDS) for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _write_metrics(out: str, rows: List[dict]) -> None:
-    _atomic_write_text(os.path.join(out, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
-    _atomic_write_text(os.path.join(out, "metrics.csv"), _csv_text(rows))
-
-
-def load_run(run_dir: str) -> Tuple[dict, List[dict]]:
-    """(config.json as a dict, metric rows) of a run directory."""
-    cfg_path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise RunError(f"{run_dir} is not a run directory (no config.json)")
-    with open(cfg_path) as f:
-        meta = json.load(f)
-    return meta, _read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
-
-
 # ---------------------------------------------------------------------------------------- the run
 class _Reporter:
-    """tqdm bars (epochs and batches) and one log line per epoch; silent when quiet or not rank 0."""
+    """tqdm bars (epochs and batches) and one log line per epoch; silent when quiet or not rank 0.
+
+    The bars go to stderr, and only when it is a terminal: in a log file they would interleave with
+    the epoch lines."""
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
         self.tqdm = None
-        if not quiet:
+        if not quiet and _is_terminal(sys.stderr):
             try:
                 from tqdm.auto import tqdm
 
@@ -332,6 +330,13 @@ class _Reporter:
             print(msg, flush=True)
 
 
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def _fault_hook():
     """Test hook: EFCN_FAULT_AFTER_BATCHES=n kills the process (os._exit, no clean-up) after n batches."""
     n = int(os.environ.get("EFCN_FAULT_AFTER_BATCHES", "0") or 0)
@@ -347,8 +352,8 @@ def _fault_hook():
     return hook
 
 
-def _fmt_row(r: dict) -> str:
-    s = (f"[{r['arm']:>9}] epoch {r['epoch']:>3} | train {r['train_loss']:.4f} {100 * r['train_acc']:5.1f}% | "
+def _fmt_row(r: dict, label: str) -> str:
+    s = (f"[{label:>9}] epoch {r['epoch']:>3} | train {r['train_loss']:.4f} {100 * r['train_acc']:5.1f}% | "
          f"test {r['test_loss']:.4f} {100 * r['test_acc']:5.1f}%")
     if r.get("deviation") is not None:
         s += f" | dev {r['deviation']:.4f} proj {100 * r['proj_test_acc']:5.1f}%"
@@ -358,26 +363,42 @@ def _fmt_row(r: dict) -> str:
 
 
 class _Run:
+    """The protocol on one process. ``group``: the torchrun processes; ``dist``: those sharing each arm
+    (all of them with ``parallel="data"``; this one alone with ``"seeds"``, which trains its share of
+    the seeds: seeds[rank::world])."""
+
     def __init__(self, cfg: RelaxConfig, out: str, info: T.DistInfo, quiet: bool,
-                 model_fn: Optional[Callable[..., nn.Module]] = None):
-        self.cfg, self.out, self.dist = cfg, out, info
-        self.rep = _Reporter(quiet or not info.is_main)
+                 model_fn: Optional[Callable[..., nn.Module]] = None, from_older: bool = False):
+        self.cfg, self.out, self.group = cfg, out, info
+        self.all_seeds = cfg.resolved_seeds()
+        self.by_seed = cfg.parallel == "seeds" and info.enabled
+        self.dist = T.DistInfo(local_rank=info.local_rank, device=info.device) if self.by_seed else info
+        self.seeds = self.all_seeds[info.rank::info.world] if self.by_seed else self.all_seeds
+        self.seed = (self.seeds or self.all_seeds)[0]  # the seed being trained
+        self.from_older = from_older
+        self.rep = _Reporter(quiet or not self.dist.is_main)
         self.ckpt_dir = os.path.join(out, "checkpoints")
         self.model_fn = model_fn
         self.fault = _fault_hook()
         self.rows: List[dict] = []
 
     # ---------------------------------------------------------------- setup
+    def use_seed(self, seed: int) -> None:
+        """Train seed ``seed`` from now on: its data subset, initialisations, shuffling and checkpoints."""
+        if seed != self.seed or not hasattr(self, "xtr"):
+            self.seed = seed
+            self.load_data()
+
     def load_data(self):
         c = self.cfg
-        tr, te, self.data_info = load_data(c.dataset, c.data_dir, c.train_size, c.test_size, c.download, c.seed,
+        tr, te, self.data_info = load_data(c.dataset, c.data_dir, c.train_size, c.test_size, c.download, self.seed,
                                            image_size=c.image_size)
         dev = self.dist.device
         self.xtr, self.ytr = (t.to(dev) for t in tr.tensors)
         self.xte, self.yte = (t.to(dev) for t in te.tensors)
 
     def new_cnn(self) -> nn.Module:
-        torch.manual_seed(self.cfg.seed)
+        torch.manual_seed(self.seed)
         return build_model(self.model_fn or self.cfg.model, self.data_info, self.cfg.width).to(self.dist.device)
 
     def embed(self, cnn: nn.Module) -> nn.Module:
@@ -392,14 +413,17 @@ class _Run:
 
         c = self.cfg
         return fcn_like(self.new_cnn(), self.data_info.input_shape, halo=c.halo, block_shape=c.block_shape,
-                        backend=c.backend, seed=T.epoch_seed(c.seed, "fcn", -1), finish_layer=self.layer_sharder())
+                        backend=c.backend, seed=T.epoch_seed(self.seed, "fcn", -1), finish_layer=self.layer_sharder())
 
     # ---------------------------------------------------------------- bookkeeping
-    def ckpt(self, name: str) -> str:
-        return os.path.join(self.ckpt_dir, f"{name}.pt")
+    def ckpt(self, name: str, seed: Optional[int] = None) -> str:
+        return os.path.join(self.ckpt_dir, f"seed{self.seed if seed is None else seed}", f"{name}.pt")
 
-    def sharded_ckpt(self, name: str) -> str:
-        return os.path.join(self.ckpt_dir, f"{name}.dcp")
+    def label(self, arm: str) -> str:
+        return arm if len(self.all_seeds) == 1 else f"s{self.seed} {arm}"
+
+    def sharded_ckpt(self, name: str, seed: Optional[int] = None) -> str:
+        return os.path.join(self.ckpt_dir, f"seed{self.seed if seed is None else seed}", f"{name}.dcp")
 
     def save(self, obj, name: str) -> None:
         if self.dist.is_main:
@@ -408,25 +432,70 @@ class _Run:
     def append(self, row: dict) -> None:
         self.rows.append(row)
         if self.dist.is_main:
-            with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            _atomic_write_text(os.path.join(self.out, "metrics.csv"), _csv_text(_dedupe(self.rows)))
-        self.rep.log(_fmt_row(row))
+            # one write(2) with O_APPEND: whole lines even when ranks training different seeds append at once
+            fd = os.open(os.path.join(self.out, "metrics.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            try:
+                os.write(fd, (json.dumps(row) + "\n").encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if self.group.is_main:  # with parallel="seeds": this rank's seeds until the end of the run
+            R.atomic_write_text(os.path.join(self.out, "metrics.csv"), R.csv_text(R.dedupe(self.rows)))
+        self.rep.log(_fmt_row(row, self.label(row["arm"])))
 
     def restore_rows(self) -> None:
-        """On resume: keep each arm's rows up to its checkpoint (later ones are redone)."""
-        rows = _read_jsonl(os.path.join(self.out, "metrics.jsonl"))
-        done_epochs: Dict[str, int] = {}
-        for arm in {r["arm"] for r in rows}:
-            p = self.ckpt(arm)
-            done_epochs[arm] = T.load_checkpoint(p)["epoch"] if os.path.exists(p) else -1
+        """On resume: keep each (seed, arm)'s rows up to its checkpoint (later ones are redone)."""
+        rows = R.read_jsonl(os.path.join(self.out, "metrics.jsonl"), self.all_seeds[0])
+        done_epochs: Dict[Tuple[int, str], int] = {}
+        for seed, arm in {(r["seed"], r["arm"]) for r in rows}:
             if self.cfg.fsdp and arm != "cnn":
-                done_epochs[arm] = (S.checkpoint_meta(self.sharded_ckpt(arm)) or {"epoch": -1})["epoch"]
-        self.rows = [r for r in rows if r["epochs_trained"] <= done_epochs[r["arm"]]]
-        if self.dist.is_main:
-            _write_metrics(self.out, self.rows)
+                state = S.checkpoint_meta(self.sharded_ckpt(arm, seed))
+            else:
+                state = self.load_arm_state(arm, seed)
+            done_epochs[(seed, arm)] = state["epoch"] if state is not None else -1
+        self.rows = [r for r in rows if r["epochs_trained"] <= done_epochs[(r["seed"], r["arm"])]]
+        if self.group.is_main:
+            R.write_metrics(self.out, self.rows)
+        self.group.barrier()  # before any rank appends
+
+    def finish(self) -> None:
+        """After every rank's last epoch: with parallel="seeds", gather all ranks' rows into metrics.csv."""
+        self.group.barrier()
+        if self.by_seed and self.group.is_main:
+            R.write_metrics(self.out, R.read_jsonl(os.path.join(self.out, "metrics.jsonl"), self.all_seeds[0]))
+
+    def load_arm_state(self, arm: str, seed: Optional[int] = None) -> Optional[dict]:
+        """The checkpoint of an arm (None: none, start the arm over).
+
+        A corrupt one raises :class:`CorruptCheckpoint`, naming the older state the arm can continue from;
+        with ``from_older`` the run continues from it: the CNN from its latest intact snapshot at a relax
+        time (a fresh optimizer state), an eFCN or the FCN from its start."""
+        path = self.ckpt(arm, seed)
+        if not os.path.exists(path):
+            return None
+        try:
+            return T.load_checkpoint(path, map_location=self.dist.device)
+        except RuntimeError as e:
+            older = self.older_state(arm, seed)
+            if not self.from_older:
+                raise CorruptCheckpoint(path, e, older[1]) from e
+            return older[0]
+
+    def older_state(self, arm: str, seed: Optional[int]) -> Tuple[Optional[dict], str]:
+        """(state to continue from, what it is) after the arm's own checkpoint proved corrupt."""
+        if arm == "cnn":
+            for t in sorted(self.cfg.resolved_relax_times(), reverse=True):
+                p = self.ckpt(f"cnn_at_{t}", seed)
+                if not os.path.exists(p):
+                    continue
+                try:
+                    snap = T.load_checkpoint(p, map_location=self.dist.device)
+                except RuntimeError:
+                    continue
+                return (dict(snap, done=False, optimizer=None, from_older=True),
+                        f"the CNN snapshot at epoch {t} ({p}; the optimizer state is not kept there)")
+        what = "its relax-time CNN snapshot" if arm.startswith("efcn") else "scratch"
+        return None, f"the start of the arm ({what}; the arm is trained again)"
 
     # ---------------------------------------------------------------- measurement
     def measure(self, arm: str, kind: str, t_w: Optional[int], k: int, model: nn.Module,
@@ -436,7 +505,7 @@ class _Run:
         if train is None:  # no training yet: evaluate the train set
             train = T.evaluate(model, self.xtr, self.ytr, c.eval_batch_size, d)
         test = T.evaluate(model, self.xte, self.yte, c.eval_batch_size, d)
-        row = {"arm": arm, "kind": kind, "t_w": t_w, "epoch": (t_w or 0) + k, "epochs_trained": k,
+        row = {"seed": self.seed, "arm": arm, "kind": kind, "t_w": t_w, "epoch": (t_w or 0) + k, "epochs_trained": k,
                "train_loss": train["loss"], "train_acc": train["acc"], "test_loss": test["loss"],
                "test_acc": test["acc"]}
         if kind != "cnn":
@@ -467,6 +536,8 @@ class _Run:
             if state["done"]:
                 return
             start = state["epoch"]
+            if state.get("from_older"):  # replace the corrupt checkpoint now
+                self.save_arm(arm, model, opt, start, start >= n_epochs)
         else:
             T.reset_peak_memory(d.device)
             self.append(self.measure(arm, kind, t_w, 0, model, None))
@@ -476,14 +547,14 @@ class _Run:
         if start >= n_epochs:
             return
         net = model if S.is_sharded(model) else T.wrap_ddp(model, d)
-        bar = self.rep.bar(n_epochs, arm, initial=start)
+        bar = self.rep.bar(n_epochs, self.label(arm), initial=start)
         for k in range(start + 1, n_epochs + 1):
             T.reset_peak_memory(d.device)
             lr = c.lr_at((t_w or 0) + k - 1, t_w if kind == "efcn" else None)
             for g in opt.param_groups:
                 g["lr"] = lr
-            bbar = self.rep.bar(self.xtr.shape[0], f"{arm} epoch {k}", leave=False, unit="ex")
-            tr = T.train_epoch(net, opt, self.xtr, self.ytr, c.batch_size, T.epoch_seed(c.seed, arm, k), d,
+            bbar = self.rep.bar(self.xtr.shape[0], f"{self.label(arm)} epoch {k}", leave=False, unit="ex")
+            tr = T.train_epoch(net, opt, self.xtr, self.ytr, c.batch_size, T.epoch_seed(self.seed, arm, k), d,
                                progress=bbar.update if bbar is not None else None, on_batch=self.fault)
             if bbar is not None:
                 bbar.close()
@@ -495,6 +566,16 @@ class _Run:
                 bar.update(1)
         if bar is not None:
             bar.close()
+
+    def load_snapshot(self, t_w: int) -> dict:
+        path = self.ckpt(f"cnn_at_{t_w}")
+        try:
+            return T.load_checkpoint(path, map_location=self.dist.device)
+        except FileNotFoundError:
+            raise RunError(f"the CNN snapshot {path} is missing: resume with --force to start over") from None
+        except RuntimeError as e:
+            raise RunError(f"{e}; delete checkpoints/seed{self.seed}/cnn.pt too, so the CNN is trained "
+                           "again, and --resume") from None
 
     def save_arm(self, arm: str, model: nn.Module, opt, epoch: int, done: bool) -> None:
         if self.cfg.fsdp and arm != "cnn":  # every rank writes its shard
@@ -528,12 +609,11 @@ class _Run:
             if meta is None:
                 return None
             return S.load_checkpoint(path, model, None if meta["done"] else opt)
-        path = self.ckpt(arm)
-        if not os.path.exists(path):
+        state = self.load_arm_state(arm)
+        if state is None:
             return None
-        state = T.load_checkpoint(path, map_location=self.dist.device)
         model.load_state_dict(state["model"])
-        if not state["done"]:
+        if not state["done"] and state.get("optimizer") is not None:  # none in a snapshot (from_older)
             opt.load_state_dict(state["optimizer"])
         return state
 
@@ -547,13 +627,19 @@ class _Run:
 
     # ---------------------------------------------------------------- the protocol
     def run(self) -> None:
+        for seed in self.seeds:
+            self.use_seed(seed)
+            self.run_seed()
+
+    def run_seed(self) -> None:
+        """Every arm of the current seed: its CNN, the eFCNs relaxed from that CNN, its FCN."""
         c = self.cfg
         grid = c.resolved_relax_times()
         self.run_arm("cnn", "cnn", None, c.epochs, self.new_cnn, snapshots=grid)
         for t in grid:
             def make(t=t):
                 cnn = self.new_cnn()
-                cnn.load_state_dict(T.load_checkpoint(self.ckpt(f"cnn_at_{t}"), map_location=self.dist.device)["model"])
+                cnn.load_state_dict(self.load_snapshot(t)["model"])
                 return self.embed(cnn)
 
             self.run_arm(f"efcn_tw{t}", "efcn", t, c.efcn_epochs(t), make)
@@ -591,30 +677,25 @@ def _prepare_dir(out: str, cfg: RelaxConfig, resume: bool, force: bool) -> bool:
         old = RelaxConfig.from_dict(json.load(f)["config"]).validate()
     diff = [f"{k}: {getattr(old, k)!r} -> {getattr(cfg, k)!r}" for k in (f.name for f in fields(cfg))
             if k not in _NOT_COMPARED and getattr(old, k) != getattr(cfg, k)]
+    lost = sorted(set(old.resolved_seeds()) - set(cfg.resolved_seeds()))
+    if lost:
+        diff.append(f"seeds: {old.resolved_seeds()} -> {cfg.resolved_seeds()} (drops {lost}; adding seeds is fine)")
     if diff:
         raise RunError(f"--resume: the options differ from the run in {out} ({'; '.join(diff)}); resume with the "
                        f"same options, or use --force to start over")
     return True
 
 
-def _clear_artifacts(out: str) -> None:
-    for name in _ARTIFACTS:
-        p = os.path.join(out, name)
-        if os.path.isdir(p):
-            shutil.rmtree(p)
-        elif os.path.exists(p):
-            os.unlink(p)
-
-
 def relax(config: Optional[RelaxConfig] = None, out: str = "runs/relax", resume: bool = False, force: bool = False,
           quiet: bool = False, plots: bool = True, model_fn: Optional[Callable[..., nn.Module]] = None,
-          **options) -> dict:
+          from_older: bool = False, **options) -> dict:
     """Run the relax-time protocol into ``out``; returns the summary (see :func:`summarize`).
 
     ``config`` or keyword ``options`` (the fields of :class:`RelaxConfig`) set the run; ``model_fn``
     (a callable taking in_channels, image_size, num_classes, width) replaces ``config.model`` for
     models defined in a script (the config then records ``model`` as given). Under ``torchrun``
-    every rank calls this; rank 0 writes the files.
+    every rank calls this; rank 0 writes the files. ``from_older``: on resume, an arm whose
+    checkpoint is corrupt continues from an older state (see :class:`CorruptCheckpoint`).
     """
     cfg = copy.deepcopy(config) if config is not None else RelaxConfig()
     for k, v in options.items():
@@ -642,37 +723,39 @@ def relax(config: Optional[RelaxConfig] = None, out: str = "runs/relax", resume:
                 backends.resolve(cfg.backend, info.device)
             except backends.BackendUnavailable as e:
                 raise RunError(str(e)) from e
-        run = _Run(cfg, out, info, quiet, model_fn)
+        run = _Run(cfg, out, info, quiet, model_fn, from_older=from_older)
         run.load_data()
         cnn = run.new_cnn()  # a bad model fails here, before anything is written
         try:  # and a model that cannot fit the device (or a layer FSDP cannot split), or no FSDP2 here
             if cfg.fsdp:
                 S.mixed_precision(cfg.param_dtype)
-            S.check_plan(cnn, run.data_info.input_shape, cfg.halo, info.world, cfg.fsdp,
+            S.check_plan(cnn, run.data_info.input_shape, cfg.halo, run.dist.world, cfg.fsdp,
                          {"sgd": "sgd" if cfg.momentum > 0 else None, "adam": "adam"}[cfg.optimizer],
                          param_dtype=S.DTYPES.get(cfg.param_dtype), block_shape=cfg.block_shape, device=info.device)
         except (MemoryError, S.ShardingError) as e:
             raise RunError(str(e)) from e
         if info.is_main:
             if force:
-                _clear_artifacts(out)
+                R.clear_artifacts(out)
             os.makedirs(run.ckpt_dir, exist_ok=True)
-            meta = {"config": asdict(cfg), "relax_times": cfg.resolved_relax_times(), "arms": _arms(cfg),
+            meta = {"config": asdict(cfg), "relax_times": cfg.resolved_relax_times(), "seeds": cfg.resolved_seeds(),
+                    "arms": _arms(cfg),
                     "data": run.data_info.to_dict(), "world_size": info.world, "device": str(info.device),
                     "torch": torch.__version__}
-            _atomic_write_text(os.path.join(out, "config.json"), json.dumps(meta, indent=2) + "\n")
+            R.atomic_write_text(os.path.join(out, "config.json"), json.dumps(meta, indent=2) + "\n")
         info.barrier()
         if resuming:
             run.restore_rows()
         run.rep.log(f"relax: {cfg.model} on {run.data_info.name} ({run.data_info.train_size} train / "
-                    f"{run.data_info.test_size} test), {cfg.epochs} epochs, relax times "
+                    f"{run.data_info.test_size} test), seeds {cfg.resolved_seeds()}, {cfg.epochs} epochs, relax times "
                     f"{cfg.resolved_relax_times()}, halo={cfg.halo!r}, {info.world} process(es) on {info.device}"
+                    + (f" (seeds {run.seeds} on this one)" if run.by_seed else "")
                     + (" (resuming)" if resuming else ""))
         run.run()
-        info.barrier()
+        run.finish()
         result = summarize(out)
         if info.is_main:
-            _atomic_write_text(os.path.join(out, "summary.md"), result["markdown"])
+            R.atomic_write_text(os.path.join(out, "summary.md"), result["markdown"])
             if plots:
                 _plots(out, run.rep)
             run.rep.log(f"results in {out}: summary.md, metrics.csv, figures/")
@@ -692,140 +775,10 @@ def _plots(out: str, rep: _Reporter) -> None:
         rep.log(f"figure: {p}")
 
 
-# ---------------------------------------------------------------------------------------- summary
-def _final_rows(meta: dict, rows: List[dict]) -> Dict[str, dict]:
-    """Last row of each arm, with ``complete`` set when the arm trained all its epochs."""
-    expected = {a["arm"]: a["epochs"] for a in meta["arms"]}
-    last: Dict[str, dict] = {}
-    for r in rows:
-        if r["arm"] not in last or r["epochs_trained"] >= last[r["arm"]]["epochs_trained"]:
-            last[r["arm"]] = r
-    out = {}
-    for a in meta["arms"]:
-        if a["arm"] in last:
-            out[a["arm"]] = dict(last[a["arm"]], complete=last[a["arm"]]["epochs_trained"] >= expected[a["arm"]])
-    return out
-
-
-def _pct(v: Optional[float]) -> str:
-    return "—" if v is None else f"{100 * v:.2f}"
-
-
-def summarize(run_dir: str) -> dict:
-    """Final accuracies per arm, best t_w, gains over the CNN and the FCN, final deviations.
-
-    Returns a dict with ``markdown`` (the summary.md text), ``arms`` (final rows), ``best_t_w``,
-    ``gain_over_cnn``/``gain_over_fcn`` (accuracy points, fractions), and the paper's three checks.
-    """
-    meta, rows = load_run(run_dir)
-    cfg = meta["config"]
-    fin = _final_rows(meta, rows)
-    efcn = {a: r for a, r in fin.items() if r["kind"] == "efcn"}
-    cnn, fcn = fin.get("cnn"), fin.get("fcn")
-    d = meta["data"]
-    lines = [f"# Relax-time protocol: {cfg['model']}" + (f" (width {cfg['width']})" if cfg.get("width") else "")
-             + f" on {d['name']}",
-             "",
-             f"{d['train_size']} training / {d['test_size']} test examples, T = {cfg['epochs']} epochs, "
-             f"halo = {cfg['halo']}, {cfg['optimizer']} lr {cfg['lr']} ({cfg.get('lr_schedule', 'constant')}) "
-             f"momentum {cfg['momentum']} "
-             f"weight decay {cfg['weight_decay']}, batch {cfg['batch_size']}, seed {cfg['seed']}.",
-             "",
-             "| arm | t_w | epochs | train acc % | test acc % | projected CNN test acc % | deviation | off-local | "
-             "sharing | time/epoch s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for a in meta["arms"]:
-        r = fin.get(a["arm"])
-        if r is None:
-            lines.append(f"| {a['arm']} | {a['t_w'] if a['t_w'] is not None else '—'} | 0/{a['epochs']} | "
-                         "not run | | | | | | |")
-            continue
-        times = [x["epoch_time_s"] for x in rows if x["arm"] == a["arm"] and x["epochs_trained"] > 0]
-        f4 = lambda k: "—" if r.get(k) is None else f"{r[k]:.4f}"  # noqa: E731
-        lines.append(
-            f"| {a['arm']} | {a['t_w'] if a['t_w'] is not None else '—'} | {r['epochs_trained']}"
-            + ("" if r["complete"] else f"/{a['epochs']} (incomplete)")
-            + f" | {_pct(r['train_acc'])} | {_pct(r['test_acc'])} | {_pct(r.get('proj_test_acc'))} | "
-            f"{f4('deviation')} | {f4('offlocal_ratio')} | {f4('sharing_deviation')} | "
-            f"{(sum(times) / len(times)) if times else 0:.2f} |")
-    res = {"markdown": "", "arms": fin, "best_t_w": None, "gain_over_cnn": None, "gain_over_fcn": None,
-           "efcn_above_fcn_everywhere": None, "efcn_above_cnn_somewhere": None}
-    trained = {a: r for a, r in efcn.items() if r["epochs_trained"] > 0}
-    lines.append("")
-    if trained:
-        best = max(trained.values(), key=lambda r: (r["test_acc"], -r["t_w"]))
-        res["best_t_w"] = best["t_w"]
-        lines.append(f"- Best relax time: t_w = {best['t_w']} (final test accuracy {_pct(best['test_acc'])}%).")
-        if cnn is not None:
-            res["gain_over_cnn"] = best["test_acc"] - cnn["test_acc"]
-            above = sorted(r["t_w"] for r in trained.values() if r["test_acc"] > cnn["test_acc"])
-            res["efcn_above_cnn_somewhere"] = bool(above)
-            lines.append(f"- Gain over the CNN ({_pct(cnn['test_acc'])}%): {100 * res['gain_over_cnn']:+.2f} points; "
-                         f"eFCN above the CNN at t_w = {above if above else 'none'}.")
-        if fcn is not None:
-            res["gain_over_fcn"] = best["test_acc"] - fcn["test_acc"]
-            below = sorted(r["t_w"] for r in trained.values() if r["test_acc"] <= fcn["test_acc"])
-            res["efcn_above_fcn_everywhere"] = not below
-            lines.append(f"- Gain over the FCN ({_pct(fcn['test_acc'])}%): {100 * res['gain_over_fcn']:+.2f} points; "
-                         f"eFCN above the FCN at every trained t_w: "
-                         f"{'yes' if not below else 'no (not at t_w = ' + str(below) + ')'}.")
-        devs = [r["deviation"] for r in trained.values()]
-        lines.append(f"- Deviation from the CNN subspace at the end (||W - P(W)|| / ||W||): "
-                     f"{min(devs):.4f} to {max(devs):.4f} across t_w"
-                     + (f" (the FCN trained from scratch: {fcn['deviation']:.4f})." if fcn is not None else "."))
-        res["final_deviation"] = {r["t_w"]: r["deviation"] for r in trained.values()}
-    incomplete = [a for a, r in fin.items() if not r["complete"]]
-    if incomplete:
-        lines.append(f"- Incomplete arms: {', '.join(incomplete)} (resume the run with --resume).")
-    res["markdown"] = "\n".join(lines) + "\n"
-    return res
-
-
 # ---------------------------------------------------------------------------------------- merge
 def merge(run_dirs: Sequence[str], out: str, force: bool = False, plots: bool = True) -> dict:
-    """Join runs that split the relax times (``--relax-times``) into one run directory.
-
-    The runs must share every protocol option except the relax times and ``fcn``; an arm present
-    in several runs (the CNN, usually) is taken from the first, and a warning is given when the
-    copies disagree (different hardware or library versions). Checkpoints are not copied.
-    """
-    if not run_dirs:
-        raise RunError("merge: no run directories given")
-    loaded = [(d, *load_run(d)) for d in run_dirs]
-    if os.path.isdir(out) and os.listdir(out):
-        if not force:
-            raise RunError(f"output directory {out} is not empty: use --force to overwrite it, or another -o")
-        _clear_artifacts(out)
-    base_dir, base, _ = loaded[0]
-    for d, meta, _ in loaded[1:]:
-        diff = [k for k in base["config"] if k not in _MERGE_FREE and base["config"][k] != meta["config"].get(k)]
-        if diff:
-            raise RunError(f"merge: {d} differs from {base_dir} in {', '.join(diff)}: only runs of one protocol "
-                           f"(differing in the relax times) can be merged")
-    rows: List[dict] = []
-    arms: Dict[str, dict] = {}
-    for d, meta, rs in loaded:
-        for a in meta["arms"]:
-            mine = [r for r in rs if r["arm"] == a["arm"]]
-            if not mine:
-                continue
-            if a["arm"] in arms:
-                theirs = {r["epochs_trained"]: r["test_acc"] for r in rows if r["arm"] == a["arm"]}
-                if any(abs(theirs.get(r["epochs_trained"], r["test_acc"]) - r["test_acc"]) > 1e-6 for r in mine):
-                    warnings.warn(f"merge: arm {a['arm']} of {d} differs from the copy already taken; keeping the first")
-                continue
-            arms[a["arm"]] = a
-            rows += mine
-    cfg = dict(base["config"])
-    times = sorted({a["t_w"] for a in arms.values() if a["kind"] == "efcn"})
-    cfg.update(relax_times=times, fcn="fcn" in arms)
-    order = sorted(arms.values(), key=_arm_order)
-    meta = dict(base, config=cfg, relax_times=times, arms=order, merged_from=[os.path.abspath(d) for d in run_dirs])
-    os.makedirs(out, exist_ok=True)
-    _atomic_write_text(os.path.join(out, "config.json"), json.dumps(meta, indent=2) + "\n")
-    _write_metrics(out, _dedupe(rows))
-    result = summarize(out)
-    _atomic_write_text(os.path.join(out, "summary.md"), result["markdown"])
+    """:func:`efcn_sparse.results.merge` (join runs split by seeds and relax times), then the figures."""
+    result = R.merge(run_dirs, out, force=force)
     if plots:
         _plots(out, _Reporter(quiet=True))
     return result

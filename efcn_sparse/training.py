@@ -249,6 +249,7 @@ def atomic_write(path: str, write: Callable, binary: bool = True) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
+        os.fchmod(fd, _default_file_mode())  # mkstemp creates 0600; give the file the usual mode (umask)
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
             f.flush()
@@ -259,6 +260,13 @@ def atomic_write(path: str, write: Callable, binary: bool = True) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(folder)
+
+
+def _default_file_mode() -> int:
+    """0666 less the process umask: the mode ``open(path, "w")`` would give a new file."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def save_checkpoint(obj, path: str) -> None:

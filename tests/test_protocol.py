@@ -1,5 +1,6 @@
-"""The relax protocol end to end on tiny synthetic runs: outputs, deviation at relax, resume after a
-kill, DDP (2 gloo processes) against 1 process, split runs merged, and option errors."""
+"""The relax protocol end to end on tiny synthetic runs of two seeds: outputs, deviation at relax, resume
+after a kill, DDP (2 gloo processes) against 1 process, runs split by seeds and relax times merged,
+corrupt checkpoints, file modes, and option errors."""
 
 import json
 import math
@@ -15,7 +16,8 @@ import torch.nn as nn
 
 from efcn_sparse import training as T
 from efcn_sparse.plots import FIGURES
-from efcn_sparse.protocol import CSV_FIELDS, RelaxConfig, RunError, load_run, merge, relax, relax_grid, summarize
+from efcn_sparse.protocol import (CSV_FIELDS, CorruptCheckpoint, RelaxConfig, RunError, load_run, merge, relax,
+                                  relax_grid, summarize)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -32,7 +34,8 @@ def tiny_cnn(in_channels=1, image_size=12, num_classes=4, width=4):
 # 45 examples, batch 24: the last batch (21) splits unevenly over 2 ranks
 TINY = dict(model="test_protocol:tiny_cnn", dataset="synthetic", image_size=12, train_size=45, test_size=40,
             epochs=2, relax_times=[0, 1, 2], batch_size=24, lr=0.05, momentum=0.9, width=4, device="cpu",
-            threads=1)  # one thread: tiny ops crawl when OpenMP threads compete on a busy machine
+            threads=1, seeds=[0, 1])  # one thread: tiny ops crawl when OpenMP threads compete on a busy machine
+SEEDS = TINY["seeds"]
 DETERMINISTIC = [f for f in CSV_FIELDS if f not in ("epoch_time_s", "eval_time_s", "peak_mem_mb")] + [
     "offlocal_by_distance", "layers"]
 DIAGNOSTICS = ("deviation", "offlocal_ratio", "sharing_deviation", "bias_deviation", "weight_norm",
@@ -55,7 +58,7 @@ def _env():
 
 
 def _key(rows):
-    return {(r["arm"], r["epochs_trained"]): r for r in rows}
+    return {(r["seed"], r["arm"], r["epochs_trained"]): r for r in rows}
 
 
 def _close(va, vb, rel):
@@ -119,12 +122,18 @@ def test_outputs_and_value_ranges(tiny_run):
     assert meta["relax_times"] == [0, 1, 2] and meta["data"]["train_size"] == 45
     arms = {a["arm"]: a["epochs"] for a in meta["arms"]}
     assert arms == {"cnn": 2, "efcn_tw0": 2, "efcn_tw1": 1, "efcn_tw2": 0, "fcn": 2}
+    assert meta["seeds"] == SEEDS and meta["config"]["seeds"] == SEEDS
     for arm, n in arms.items():
-        mine = sorted(r["epochs_trained"] for r in rows if r["arm"] == arm)
-        assert mine == list(range(n + 1)), arm
-        assert os.path.isfile(os.path.join(out, "checkpoints", f"{arm}.pt"))
-    for t in (0, 1, 2):
-        assert os.path.isfile(os.path.join(out, "checkpoints", f"cnn_at_{t}.pt"))
+        for s in SEEDS:
+            mine = sorted(r["epochs_trained"] for r in rows if r["arm"] == arm and r["seed"] == s)
+            assert mine == list(range(n + 1)), (arm, s)
+            assert os.path.isfile(os.path.join(out, "checkpoints", f"seed{s}", f"{arm}.pt"))
+    for s in SEEDS:
+        for t in (0, 1, 2):
+            assert os.path.isfile(os.path.join(out, "checkpoints", f"seed{s}", f"cnn_at_{t}.pt"))
+    # the seeds differ: data subset (synthetic), initialisation, shuffling
+    k = _key(rows)
+    assert k[(0, "cnn", 2)]["train_loss"] != k[(1, "cnn", 2)]["train_loss"]
     for r in rows:
         for f in ("train_acc", "test_acc"):
             assert 0.0 <= r[f] <= 1.0
@@ -141,51 +150,62 @@ def test_outputs_and_value_ranges(tiny_run):
         assert r["weight_norm"] > 0
         assert set(r["layers"]) == {"0", "3"}
         assert r["deviation"] ** 2 == pytest.approx(r["offlocal_ratio"] ** 2 + r["sharing_deviation"] ** 2, abs=1e-12)
-    fcn_end = [r for r in rows if r["arm"] == "fcn"][-1]
+    fcn_end = [r for r in rows if r["arm"] == "fcn" and r["seed"] == 1][-1]
     assert fcn_end["deviation"] > 0.5  # an FCN from scratch is far from the CNN subspace
     with open(os.path.join(out, "metrics.csv")) as f:
         lines = f.read().splitlines()
-    assert lines[0].split(",") == CSV_FIELDS and len(lines) == len(rows) + 1
+    groups = {(r["arm"], r["epochs_trained"]) for r in rows}  # plus a mean and a std row each
+    assert lines[0].split(",") == CSV_FIELDS and len(lines) == len(rows) + 2 * len(groups) + 1
+    assert sum(ln.startswith("mean,2,") for ln in lines) == len(groups)
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in ("config.json", "metrics.csv", "metrics.jsonl", "summary.md", "figures/deviation.png"):
+        assert os.stat(os.path.join(out, f)).st_mode & 0o777 == 0o666 & ~mask, f  # not mkstemp's 0600
     md = open(os.path.join(out, "summary.md")).read()
     assert md == res["markdown"]
     for arm in arms:
         assert f"| {arm} |" in md
     assert res["best_t_w"] in (0, 1)
     assert "Best relax time" in md and "Gain over the CNN" in md and "Gain over the FCN" in md
-    for name in os.listdir(os.path.join(out, "checkpoints")):
-        state = torch.load(os.path.join(out, "checkpoints", name), weights_only=True)
+    assert "## The paper's claims" in md and len(res["claims"]) == 3 and all(c.n == 2 for c in res["claims"])
+    ckpts = os.path.join(out, "checkpoints", "seed1")
+    for name in os.listdir(ckpts):
+        state = torch.load(os.path.join(ckpts, name), weights_only=True)
         assert "model" in state and "epoch" in state
-    assert not [n for n in os.listdir(os.path.join(out, "checkpoints")) if n.startswith(".tmp")]
+    assert not [n for n in os.listdir(ckpts) if n.startswith(".tmp")]
 
 
 def test_deviation_exactly_zero_at_relax(tiny_run):
     out, _ = tiny_run
     _, rows = load_run(out)
     rows = _key(rows)
-    for t in (0, 1, 2):
-        r = rows[(f"efcn_tw{t}", 0)]
-        assert r["epoch"] == t
-        assert r["deviation"] == 0.0 and r["offlocal_ratio"] == 0.0 and r["sharing_deviation"] == 0.0
-        assert r["bias_deviation"] == 0.0
-        assert not any(r["offlocal_by_distance"])
-        cnn = rows[("cnn", t)]
-        # the eFCN computes the CNN's function: same test accuracy, loss to float rounding
-        assert r["test_acc"] == cnn["test_acc"] and r["proj_test_acc"] == cnn["test_acc"]
-        assert r["test_loss"] == pytest.approx(cnn["test_loss"], rel=1e-5)
-    for t in (0, 1):  # one FCN-space epoch leaves the CNN subspace
-        assert rows[(f"efcn_tw{t}", 1)]["deviation"] > 0
+    for s in SEEDS:  # the eFCNs of seed s start from the CNN of seed s
+        for t in (0, 1, 2):
+            r = rows[(s, f"efcn_tw{t}", 0)]
+            assert r["epoch"] == t
+            assert r["deviation"] == 0.0 and r["offlocal_ratio"] == 0.0 and r["sharing_deviation"] == 0.0
+            assert r["bias_deviation"] == 0.0
+            assert not any(r["offlocal_by_distance"])
+            cnn = rows[(s, "cnn", t)]
+            # the eFCN computes the CNN's function: same test accuracy, loss to float rounding
+            assert r["test_acc"] == cnn["test_acc"] and r["proj_test_acc"] == cnn["test_acc"]
+            assert r["test_loss"] == pytest.approx(cnn["test_loss"], rel=1e-5)
+        for t in (0, 1):  # one FCN-space epoch leaves the CNN subspace
+            assert rows[(s, f"efcn_tw{t}", 1)]["deviation"] > 0
 
 
 def test_resume_after_kill_gives_identical_metrics(tiny_run, tmp_path):
     ref_dir, _ = tiny_run
     out = str(tmp_path / "run")
     cmd = [sys.executable, "-m", "efcn_sparse", "relax", *_cli_args(TINY), "--out", out, "--quiet", "--no-plots"]
-    # a hard kill (os._exit, no clean-up) of a separate process; 2 batches per epoch: the CNN takes 4,
-    # then the kill lands mid-way through the 2nd epoch of efcn_tw0
-    p = subprocess.run(cmd, env=dict(_env(), EFCN_FAULT_AFTER_BATCHES="7"), capture_output=True, text=True, timeout=300)
+    # a hard kill (os._exit, no clean-up) of a separate process; 2 batches per epoch, 14 per seed (the CNN
+    # takes 4, then efcn_tw0 4): the kill lands mid-way through the 2nd epoch of seed 1's efcn_tw0
+    p = subprocess.run(cmd, env=dict(_env(), EFCN_FAULT_AFTER_BATCHES="21"), capture_output=True, text=True,
+                       timeout=300)
     assert p.returncode == 75, p.stderr
     _, partial = load_run(out)
-    assert ("efcn_tw0", 1) in _key(partial) and ("efcn_tw0", 2) not in _key(partial)
+    assert (1, "efcn_tw0", 1) in _key(partial) and (1, "efcn_tw0", 2) not in _key(partial)
+    assert (0, "fcn", 2) in _key(partial)
     assert not os.path.exists(os.path.join(out, "summary.md"))
     relax(out=out, resume=True, quiet=True, plots=False, **TINY)  # the resumption, in this process
     _assert_same(load_run(out)[1], load_run(ref_dir)[1])
@@ -206,21 +226,41 @@ def test_ddp_two_gloo_processes_match_one(tiny_run, tmp_path):
     _assert_same(rows, load_run(ref_dir)[1], rel=1e-4, acc_slack=1.0 / 40 + 1e-12)
 
 
-def test_split_relax_times_and_merge(tiny_run, tmp_path):
-    """A job with a subset of the relax times gives the same arms; merge joins jobs into one run."""
+def test_torchrun_sharing_seeds_over_ranks_matches_one_process(tiny_run, tmp_path):
+    """--parallel seeds: each of 2 ranks trains one seed alone; the rows are the single-process ones."""
     ref_dir, _ = tiny_run
-    a, m = str(tmp_path / "a"), str(tmp_path / "merged")
-    relax(out=a, quiet=True, plots=False, **dict(TINY, relax_times=[1], fcn=False))
-    _, rows_a = load_run(a)
-    _assert_same(rows_a, [r for r in load_run(ref_dir)[1] if r["arm"] in ("cnn", "efcn_tw1")])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the arms both runs hold agree
-        res = merge([a, ref_dir], m, plots=False)
-    meta, rows = load_run(m)
-    assert meta["relax_times"] == [0, 1, 2] and len(meta["merged_from"]) == 2
+    out = str(tmp_path / "by_seed")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "efcn_sparse", "relax", *_cli_args(TINY), "--parallel", "seeds", "--out", out, "--quiet", "--no-plots"]
+    p = subprocess.run(cmd, env=dict(_env(), OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    meta, rows = load_run(out)
+    assert meta["world_size"] == 2 and meta["seeds"] == SEEDS
     _assert_same(rows, load_run(ref_dir)[1])
+    with open(os.path.join(out, "metrics.csv")) as f:
+        assert {ln.split(",")[0] for ln in f.read().splitlines()[1:]} == {"0", "1", "mean", "std"}
+
+
+def test_split_seeds_and_relax_times_and_merge(tiny_run, tmp_path):
+    """Jobs with a subset of the seeds or relax times give the same (seed, arm)s; merge joins them into one run."""
+    ref_dir, _ = tiny_run
+    ref = load_run(ref_dir)[1]
+    a, b, m = str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "merged")
+    relax(out=a, quiet=True, plots=False, **dict(TINY, relax_times=[1], fcn=False, seeds=[1]))
+    relax(out=b, quiet=True, plots=False, **dict(TINY, relax_times=[0, 2], seeds=[0]))
+    _assert_same(load_run(a)[1], [r for r in ref if r["arm"] in ("cnn", "efcn_tw1") and r["seed"] == 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the (seed, arm)s both runs hold agree
+        res = merge([a, b, ref_dir], m, plots=False)
+    meta, rows = load_run(m)
+    assert meta["relax_times"] == [0, 1, 2] and meta["seeds"] == SEEDS and len(meta["merged_from"]) == 3
+    _assert_same(rows, ref)
     assert res["best_t_w"] == summarize(ref_dir)["best_t_w"]
     assert open(os.path.join(m, "summary.md")).read() == res["markdown"]
+    # the seeds of a and b alone: seed 1 lacks efcn_tw0/2 and the FCN, so those have n = 1
+    res = merge([a, b], str(tmp_path / "ab"), plots=False)
+    n = {arm: x["n"] for arm, x in res["arms"].items()}
+    assert n == {"cnn": 2, "efcn_tw0": 1, "efcn_tw1": 1, "efcn_tw2": 1, "fcn": 1}
     with pytest.raises(RunError, match="not empty"):
         merge([a, ref_dir], m)
     other = str(tmp_path / "c")
@@ -237,20 +277,20 @@ def test_after_cosine_schedule_and_local_halo(tmp_path):
     """--after N trains every eFCN N epochs (past T too); the cosine schedule runs over global epochs;
     halo 0 (the locally connected relaxation) never grows off-local weights."""
     out = str(tmp_path / "r")
-    cfg = dict(TINY, relax_times=[0, 2], after=1, lr_schedule="cosine", halo=0)
+    cfg = dict(TINY, relax_times=[0, 2], after=1, lr_schedule="cosine", halo=0, seeds=[0])
     relax(out=out, quiet=True, plots=False, **cfg)
     meta, rows = load_run(out)
     assert {a["arm"]: a["epochs"] for a in meta["arms"]} == {"cnn": 2, "efcn_tw0": 1, "efcn_tw2": 1, "fcn": 2}
     rows = _key(rows)
-    assert rows[("efcn_tw2", 1)]["epoch"] == 3
+    assert rows[(0, "efcn_tw2", 1)]["epoch"] == 3
     lr = TINY["lr"]
-    assert rows[("cnn", 1)]["lr"] == pytest.approx(lr) and rows[("cnn", 2)]["lr"] == pytest.approx(lr / 2)
-    assert rows[("efcn_tw0", 1)]["lr"] == pytest.approx(lr)
-    assert rows[("efcn_tw2", 1)]["lr"] == pytest.approx(lr * 0.5 * (1 + math.cos(2 * math.pi / 3)))  # horizon 3
+    assert rows[(0, "cnn", 1)]["lr"] == pytest.approx(lr) and rows[(0, "cnn", 2)]["lr"] == pytest.approx(lr / 2)
+    assert rows[(0, "efcn_tw0", 1)]["lr"] == pytest.approx(lr)
+    assert rows[(0, "efcn_tw2", 1)]["lr"] == pytest.approx(lr * 0.5 * (1 + math.cos(2 * math.pi / 3)))  # horizon 3
     for r in rows.values():
         if r["kind"] != "cnn":
             assert r["offlocal_ratio"] == 0.0
-    assert rows[("efcn_tw0", 1)]["sharing_deviation"] > 0
+    assert rows[(0, "efcn_tw0", 1)]["sharing_deviation"] > 0
 
 
 def test_existing_directory_and_resume_rules(tiny_run, tmp_path):
@@ -266,10 +306,40 @@ def test_existing_directory_and_resume_rules(tiny_run, tmp_path):
     (d / "notes.txt").write_text("mine")
     with pytest.raises(RunError, match="no config.json"):
         relax(out=str(d), quiet=True, resume=True, **TINY)
+    with pytest.raises(RunError, match="drops"):
+        relax(out=ref_dir, quiet=True, resume=True, **dict(TINY, seeds=[1]))
     # a finished run resumes to the same result without training again
     before = load_run(ref_dir)[1]
     res = relax(out=ref_dir, quiet=True, resume=True, plots=False, **TINY)
     assert load_run(ref_dir)[1] == before and res["markdown"] == summarize(ref_dir)["markdown"]
+
+
+def test_resume_adds_seeds(tiny_run, tmp_path):
+    ref_dir, _ = tiny_run
+    out = str(tmp_path / "r")
+    relax(out=out, quiet=True, plots=False, **dict(TINY, seeds=[0]))
+    relax(out=out, quiet=True, plots=False, resume=True, **TINY)
+    _assert_same(load_run(out)[1], load_run(ref_dir)[1])
+
+
+def test_corrupt_checkpoint_is_one_error_and_older_state_continues(tiny_run, tmp_path):
+    ref_dir, _ = tiny_run
+    out = str(tmp_path / "r")
+    shutil.copytree(ref_dir, out)
+    for arm in ("cnn", "efcn_tw0"):
+        with open(os.path.join(out, "checkpoints", "seed1", f"{arm}.pt"), "wb") as f:
+            f.write(b"not a checkpoint")
+    with pytest.raises(CorruptCheckpoint, match="seed1/(cnn|efcn_tw0).pt is corrupt") as e:
+        relax(out=out, quiet=True, plots=False, resume=True, **TINY)
+    assert "--from-older" in str(e.value) and "\n" not in str(e.value)
+    # the CNN continues from its last snapshot (epoch 2: nothing left to train), efcn_tw0 from its start
+    relax(out=out, quiet=True, plots=False, resume=True, from_older=True, **TINY)
+    _assert_same(load_run(out)[1], load_run(ref_dir)[1])
+    relax(out=out, quiet=True, plots=False, resume=True, **TINY)  # both checkpoints were rewritten
+    os.unlink(os.path.join(out, "checkpoints", "seed0", "cnn_at_1.pt"))
+    os.unlink(os.path.join(out, "checkpoints", "seed0", "efcn_tw1.pt"))
+    with pytest.raises(RunError, match="cnn_at_1.pt is missing"):
+        relax(out=out, quiet=True, plots=False, resume=True, **TINY)
 
 
 @pytest.mark.parametrize("opts, msg", [

@@ -101,6 +101,7 @@ def test_relax_fsdp_two_ranks_then_resume_on_one(tmp_path):
     sharded checkpoints to the same metrics."""
     from test_protocol import TINY, _assert_same, _cli_args, _env
 
+    TINY = dict(TINY, seeds=[0])  # one seed: its checkpoints in checkpoints/seed0
     ref = str(tmp_path / "ref")
     relax(out=ref, quiet=True, plots=False, **TINY)
     out = str(tmp_path / "fsdp")
@@ -113,9 +114,9 @@ def test_relax_fsdp_two_ranks_then_resume_on_one(tmp_path):
     meta, partial = load_run(out)
     assert meta["world_size"] == 2 and meta["config"]["fsdp"] is True
     assert ("efcn_tw0", 1) in {(r["arm"], r["epochs_trained"]) for r in partial}
-    ckpts = os.listdir(os.path.join(out, "checkpoints"))
+    ckpts = os.listdir(os.path.join(out, "checkpoints", "seed0"))
     assert "efcn_tw0.dcp" in ckpts and "efcn_tw0.pt" not in ckpts and "cnn.pt" in ckpts
-    assert sharding.checkpoint_meta(os.path.join(out, "checkpoints", "efcn_tw0.dcp")) == \
+    assert sharding.checkpoint_meta(os.path.join(out, "checkpoints", "seed0", "efcn_tw0.dcp")) == \
         {"epoch": 1, "done": False, "world_size": 2}
     # sharded on 2 ranks == unsharded on 1, to float rounding
     done = {(r["arm"], r["epochs_trained"]) for r in partial}
@@ -123,7 +124,7 @@ def test_relax_fsdp_two_ranks_then_resume_on_one(tmp_path):
                  rel=1e-4, acc_slack=1.0 / 40 + 1e-12)
     relax(out=out, resume=True, quiet=True, plots=False, fsdp=True, **TINY)  # 1 process
     _assert_same(load_run(out)[1], load_run(ref)[1], rel=1e-4, acc_slack=1.0 / 40 + 1e-12)
-    assert not [n for n in os.listdir(os.path.join(out, "checkpoints")) if n.endswith((".tmp", ".old"))]
+    assert not [n for n in os.listdir(os.path.join(out, "checkpoints", "seed0")) if n.endswith((".tmp", ".old"))]
 
 
 def test_relax_refuses_a_plan_that_cannot_fit(tmp_path, monkeypatch, capsys):
