@@ -19,9 +19,11 @@
 //
 // Determinism: every output entry is computed by exactly one task, in an order fixed by the
 // layout alone (blocks in stored order, K ascending, K split into groups at points that depend
-// only on the layout), so results are bit-identical across runs and thread counts on a given
-// machine (the micro-kernel is chosen by CPU features: AVX2+FMA or portable C++). They are not
-// bit-identical to the reference backend (another summation order).
+// only on the layout), so results are bit-identical across runs and thread counts for a given
+// micro-kernel ISA (microkernel.h: AVX-512, AVX2 and portable C++, chosen at run time; the two
+// SIMD ones agree bit for bit). They are not bit-identical to the reference backend (another
+// summation order). Panels are packed for the active ISA's tile shape (Kernels<T>::mr, ::nr),
+// read once per op call.
 //
 // Checked before any access: dtypes, devices, dims, contiguity, index tensor lengths, pointer
 // arrays (start 0, end nnzb, monotone), every block row/column/permutation/mask id in range.
@@ -40,6 +42,8 @@
 #include <atomic>
 #include <sys/mman.h>
 #include <optional>
+#include <stdexcept>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -159,26 +163,46 @@ int64_t batch_chunks(int64_t slices, int64_t nbt) {
   return std::max<int64_t>(1, std::min(cdiv(want, std::max<int64_t>(slices, 1)), nbt));
 }
 
-// ------------------------------------------------------------------------------ shared pieces
-// dst[t][f][m] = src[t*kMR + m][f] for the rows of a [rows, F] row-major matrix, zero past the
-// last row: the streamed operand (x or dy) as batch tiles whose columns are contiguous panels.
+// kernels<T>() of the active ISA; a bad EFCN_CPU_ISA is reported like the other argument errors.
 template <typename T>
+const Kernels<T>& active_kernels() {
+  try {
+    return kernels<T>();
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, e.what(), " (from the environment variable EFCN_CPU_ISA)");
+  }
+}
+
+// ------------------------------------------------------------------------------ shared pieces
+// dst[t][f][m] = src[t*MR + m][f] for the rows of a [rows, F] row-major matrix, zero past the
+// last row: the streamed operand (x or dy) as batch tiles whose columns are contiguous panels.
+template <typename T, int MR>
 void pack_batch_tiles(const T* src, int64_t rows, int64_t F, T* dst) {
-  at::parallel_for(0, cdiv(rows, kMR), grain_for(F * kMR), [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, cdiv(rows, MR), grain_for(F * MR), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      T* d = dst + t * F * kMR;
-      const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - t * kMR));
-      if (mr == kMR) {
-        const T* s = src + t * kMR * F;
-        for (int64_t f = 0; f < F; ++f, d += kMR)
-          for (int m = 0; m < kMR; ++m) d[m] = s[m * F + f];
+      T* d = dst + t * F * MR;
+      const int mr = static_cast<int>(std::min<int64_t>(MR, rows - t * MR));
+      const T* s = src + t * MR * F;
+      if (mr == MR) {
+        for (int64_t f = 0; f < F; ++f, d += MR)
+          for (int m = 0; m < MR; ++m) d[m] = s[m * F + f];
       } else {
-        const T* s = src + t * kMR * F;
-        for (int64_t f = 0; f < F; ++f, d += kMR)
-          for (int m = 0; m < kMR; ++m) d[m] = m < mr ? s[m * F + f] : T(0);
+        for (int64_t f = 0; f < F; ++f, d += MR)
+          for (int m = 0; m < MR; ++m) d[m] = m < mr ? s[m * F + f] : T(0);
       }
     }
   });
+}
+
+// pack_batch_tiles for a tile height known at run time (the active ISA's mr).
+template <typename T>
+void pack_batch_tiles(const T* src, int64_t rows, int64_t F, T* dst, int mr) {
+  switch (mr) {
+    case 6: return pack_batch_tiles<T, 6>(src, rows, F, dst);
+    case 8: return pack_batch_tiles<T, 8>(src, rows, F, dst);
+    case 12: return pack_batch_tiles<T, 12>(src, rows, F, dst);
+    default: TORCH_CHECK(false, "pack_batch_tiles: no instance for tile height ", mr);
+  }
 }
 
 // A K-segment of a row (column) task: `k` consecutive columns of the streamed operand from
@@ -222,8 +246,7 @@ void for_each_group(int64_t p0, int64_t p1, Extent extent, Make make, std::vecto
 
 // out[m*ldc + n] (=|+=) tile[m][n] (+ bias[n]) for m < mr, n < nv.
 template <typename T>
-void store_tile(const T* tile, int mr, int64_t nv, T* out, int64_t ldc, bool accumulate, const T* bias) {
-  constexpr int NR = kNR<T>;
+void store_tile(const T* tile, int mr, int NR, int64_t nv, T* out, int64_t ldc, bool accumulate, const T* bias) {
   for (int m = 0; m < mr; ++m) {
     T* o = out + m * ldc;
     const T* t = tile + m * NR;
@@ -254,28 +277,33 @@ void prefetch_rows(const T* p, int64_t rows, int64_t ld, int64_t len) {
     for (int64_t c = 0; c < len; c += kLine) __builtin_prefetch(p + r * ld + c, 0, 3);
 }
 
-template <typename T>
-void load_kernels(MicroKernel<T>* kern) {
-  for (int mr = 1; mr <= kMR; ++mr) kern[mr] = micro_kernel<T>(mr);
+// Prefetches into L2 part `part` of `nparts` of the cache lines of n blocks of `bytes` bytes each,
+// block b at block(b): the next slice's blocks, spread over the current slice's tile products so
+// that their memory latency overlaps computation instead of stalling the packing.
+template <typename BlockPtr>
+void prefetch_part(int64_t n, int64_t bytes, BlockPtr block, int64_t part, int64_t nparts) {
+  const int64_t per = cdiv(bytes, 64), total = n * per;
+  for (int64_t l = total * part / nparts, e = total * (part + 1) / nparts; l < e; ++l)
+    __builtin_prefetch(reinterpret_cast<const char*>(block(l / per)) + (l % per) * 64, 0, 2);
 }
 
 // Shared driver of forward and grad_input: out [B, ldc] gets, for each of n_groups output block
 // slices g (a block row of y, or a block column of dx), the product of the streamed operand
 // `a` [B, F] at the columns of the group's segments with the packed blocks. `blocks(g)` gives
 // (p0, p1, extent, make) for for_each_group; `pack_b(segs, K, nv, bpack)` packs the group's
-// blocks as [nq][K][NR], columns past nv zero.
-template <typename T, typename Blocks, typename PackB>
-void slice_gemm(const T* a, int64_t B, int64_t F, T* out, int64_t ldc, int64_t n_groups, int64_t side,
-                int64_t out_cols, const T* bias, int64_t work, Blocks blocks, PackB pack_b) {
-  constexpr int NR = kNR<T>;
-  const int64_t nq = cdiv(side, NR), nbt = cdiv(B, kMR);
-  at::Tensor ap_t = empty_huge({nbt * F * kMR}, c10::CppTypeToScalarType<T>::value);
+// blocks as [nq][K][NR], columns past nv zero; the tile shape is that of `ks`. `prefetch(g, part,
+// nparts)` prefetches a part of slice g's blocks (prefetch_part).
+template <typename T, typename Blocks, typename PackB, typename Prefetch>
+void slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, T* out, int64_t ldc, int64_t n_groups,
+                int64_t side, int64_t out_cols, const T* bias, int64_t work, Blocks blocks, PackB pack_b,
+                Prefetch prefetch) {
+  const int NR = ks.nr, MR = ks.mr;
+  const int64_t nq = cdiv(side, NR), nbt = cdiv(B, MR);
+  at::Tensor ap_t = empty_huge({nbt * F * MR}, c10::CppTypeToScalarType<T>::value);
   T* ap = ap_t.data_ptr<T>();
-  pack_batch_tiles(a, B, F, ap);
+  pack_batch_tiles(a, B, F, ap, MR);
   const int64_t tiles_per_task = cdiv(nbt, batch_chunks(n_groups, nbt));
   const int64_t nch = cdiv(nbt, tiles_per_task);
-  MicroKernel<T> kern[kMR + 1];
-  load_kernels(kern);
   struct Scratch {
     std::vector<T> bpack;
     std::vector<int64_t> offs, ks;
@@ -285,8 +313,8 @@ void slice_gemm(const T* a, int64_t B, int64_t F, T* out, int64_t ldc, int64_t n
   parallel_dynamic(n_groups * nch, work, init, [&](Scratch& st, int64_t u0, int64_t u1) {
     std::vector<T>& bpack = st.bpack;
     std::vector<int64_t>& offs = st.offs;
-    std::vector<int64_t>& ks = st.ks;
-    alignas(64) T tile[kMR * NR];
+    std::vector<int64_t>& kk = st.ks;
+    alignas(64) T tile[kMaxTileBytes / sizeof(T)];
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t g = u / nch, bt0 = (u % nch) * tiles_per_task, bt1 = std::min(nbt, bt0 + tiles_per_task);
       const int64_t nv = std::min(side, out_cols - g * side);  // in-range outputs of this slice
@@ -295,24 +323,28 @@ void slice_gemm(const T* a, int64_t B, int64_t F, T* out, int64_t ldc, int64_t n
       const auto range = blocks(g);
       const int64_t p0 = std::get<0>(range), p1 = std::get<1>(range);
       if (p0 == p1) {
-        fill_rows(o, ldc, bt0 * kMR, std::min(B, bt1 * kMR), nv, bias_g);
+        fill_rows(o, ldc, bt0 * MR, std::min(B, bt1 * MR), nv, bias_g);
         continue;
       }
+      // the next slice this thread computes, if known and another one: prefetched while this one runs
+      const int64_t g_next = u + 1 < u1 && (u + 1) / nch != g ? (u + 1) / nch : -1;
+      const int64_t nparts = (bt1 - bt0) * nq;
       auto group = [&](const std::vector<Seg<T>>& sg, int64_t K, bool first, bool last) {
         pack_b(sg, K, nv, bpack.data());
         offs.resize(sg.size());
-        ks.resize(sg.size());
+        kk.resize(sg.size());
         for (size_t s = 0; s < sg.size(); ++s) {
-          offs[s] = sg[s].a_off * kMR;
-          ks[s] = sg[s].k;
+          offs[s] = sg[s].a_off * MR;
+          kk[s] = sg[s].k;
         }
         for (int64_t bt = bt0; bt < bt1; ++bt) {
-          const int mr = static_cast<int>(std::min<int64_t>(kMR, B - bt * kMR));
+          const int mr = static_cast<int>(std::min<int64_t>(MR, B - bt * MR));
           for (int64_t q = 0; q < nq; ++q) {
-            kern[mr](ap + bt * F * kMR, offs.data(), ks.data(), static_cast<int>(sg.size()), bpack.data() + q * K * NR,
-                     tile);
-            store_tile(tile, mr, std::min<int64_t>(NR, nv - q * NR), o + bt * kMR * ldc + q * NR, ldc, !first,
+            ks.tile[mr](ap + bt * F * MR, offs.data(), kk.data(), static_cast<int>(sg.size()), bpack.data() + q * K * NR,
+                        tile);
+            store_tile(tile, mr, NR, std::min<int64_t>(NR, nv - q * NR), o + bt * MR * ldc + q * NR, ldc, !first,
                        (last && bias_g) ? bias_g + q * NR : nullptr);
+            if (first && g_next >= 0) prefetch(g_next, (bt - bt0) * nq + q, nparts);
           }
         }
       };
@@ -325,30 +357,37 @@ void slice_gemm(const T* a, int64_t B, int64_t F, T* out, int64_t ldc, int64_t n
 template <typename T>
 void forward_kernel(const T* x, const T* w, const T* bias, const int32_t* crow, const int32_t* col, T* y,
                     int64_t B, int64_t N, int64_t M, int64_t BR, int64_t BC) {
-  constexpr int NR = kNR<T>;
+  const Kernels<T>& ks = active_kernels<T>();
+  const int NR = ks.nr;
   const int64_t nq = cdiv(BR, NR);
   auto extent = [=](int64_t p) { return std::min(BC, N - col[p] * BC); };
   auto make = [=](int64_t p, int64_t k0, int64_t k) { return Seg<T>{col[p] * BC + k0, w + p * BR * BC + k0, k}; };
   auto blocks = [=](int64_t i) { return std::make_tuple(int64_t{crow[i]}, int64_t{crow[i + 1]}, extent, make); };
   // B[q][k][n] = W[q*NR + n][k]: the group's blocks transposed, rows past nv zero.
-  auto pack_b = [=](const std::vector<Seg<T>>& sg, int64_t K, int64_t nv, T* bp) {
+  auto pack_b = [=, &ks](const std::vector<Seg<T>>& sg, int64_t K, int64_t nv, T* bp) {
     int64_t koff = 0;
     for (size_t s = 0; s < sg.size(); ++s) {
       if (s + 1 < sg.size()) prefetch_rows(sg[s + 1].w, nv, BC, sg[s + 1].k);
       for (int64_t q = 0; q < nq; ++q)
-        pack_transposed(sg[s].w + q * NR * BC, BC, std::min<int64_t>(NR, nv - q * NR), sg[s].k,
+        ks.pack_transposed(sg[s].w + q * NR * BC, BC, std::min<int64_t>(NR, nv - q * NR), sg[s].k,
                         bp + (q * K + koff) * NR);
       koff += sg[s].k;
     }
   };
-  slice_gemm<T>(x, B, N, y, M, cdiv(M, BR), BR, M, bias, B * crow[cdiv(M, BR)] * BR * BC, blocks, pack_b);
+  auto prefetch = [=](int64_t i, int64_t part, int64_t nparts) {  // block row i: one contiguous range
+    prefetch_part(crow[i + 1] - crow[i], BR * BC * int64_t{sizeof(T)},
+                  [=](int64_t b) { return w + (crow[i] + b) * BR * BC; }, part, nparts);
+  };
+  slice_gemm<T>(ks, x, B, N, y, M, cdiv(M, BR), BR, M, bias, B * crow[cdiv(M, BR)] * BR * BC, blocks, pack_b,
+                prefetch);
 }
 
 // ------------------------------------------------------------------------------ grad_input
 template <typename T>
 void grad_input_kernel(const T* dy, const T* w, const int32_t* ccol, const int32_t* t_row, const int32_t* t_perm,
                        T* dx, int64_t B, int64_t M, int64_t N, int64_t BR, int64_t BC) {
-  constexpr int NR = kNR<T>;
+  const Kernels<T>& ks = active_kernels<T>();
+  const int NR = ks.nr;
   const int64_t nq = cdiv(BC, NR);
   auto extent = [=](int64_t k) { return std::min(BR, M - t_row[k] * BR); };
   auto make = [=](int64_t k, int64_t r0, int64_t len) {
@@ -373,20 +412,26 @@ void grad_input_kernel(const T* dy, const T* w, const int32_t* ccol, const int32
       koff += sg[s].k;
     }
   };
-  slice_gemm<T>(dy, B, M, dx, N, cdiv(N, BC), BC, N, nullptr, B * ccol[cdiv(N, BC)] * BR * BC, blocks, pack_b);
+  auto prefetch = [=](int64_t j, int64_t part, int64_t nparts) {
+    prefetch_part(ccol[j + 1] - ccol[j], BR * BC * int64_t{sizeof(T)},
+                  [=](int64_t b) { return w + t_perm[ccol[j] + b] * BR * BC; }, part, nparts);
+  };
+  slice_gemm<T>(ks, dy, B, M, dx, N, cdiv(N, BC), BC, N, nullptr, B * ccol[cdiv(N, BC)] * BR * BC, blocks, pack_b,
+                prefetch);
 }
 
 // ------------------------------------------------------------------------------ grad_weight
 // x is packed once into per-block-column panels X[j][q][b][n] = x[b][j*BC + q*NR + n] (each is
 // read by every block of its column), dy per block row into a thread's A[t][b][m] =
-// dy[b][i*BR + t*kMR + m] (zero out of range); then each stored block is a [BR x B] @ [B x BC]
+// dy[b][i*BR + t*MR + m] (zero out of range); then each stored block is a [BR x B] @ [B x BC]
 // product over those panels. dW is written with streaming stores: it is not read back here.
 template <typename T>
 void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32_t* col, const int32_t* mask_ids,
                         const bool* patterns, T* dw, int64_t nnzb, int64_t B, int64_t M, int64_t N, int64_t BR,
                         int64_t BC) {
-  constexpr int NR = kNR<T>;
-  const int64_t ntr = cdiv(BR, kMR), nq = cdiv(BC, NR), blk = BR * BC, nbc = cdiv(N, BC);
+  const Kernels<T>& ks = active_kernels<T>();
+  const int NR = ks.nr, MR = ks.mr;
+  const int64_t ntr = cdiv(BR, MR), nq = cdiv(BC, NR), blk = BR * BC, nbc = cdiv(N, BC);
   at::Tensor x_t = empty_huge({nbc * nq * B * NR}, c10::CppTypeToScalarType<T>::value);
   T* xp = x_t.data_ptr<T>();
   constexpr int64_t kRows = 16;  // batch rows at a time: kRows sequential read streams, whole-line writes
@@ -408,47 +453,45 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
       }
     }
   });
-  MicroKernel<T> kern[kMR + 1];
-  load_kernels(kern);
   const int64_t zero = 0;
   struct Scratch {
     std::vector<T> apack;
     int64_t row;  // block row held in apack, -1: none
   };
-  auto init = [&] { return Scratch{std::vector<T>(ntr * B * kMR), -1}; };
+  auto init = [&] { return Scratch{std::vector<T>(ntr * B * MR), -1}; };
   parallel_dynamic(nnzb, nnzb * B * blk, init, [&](Scratch& st, int64_t p0, int64_t p1) {
-    alignas(64) T tile[kMR * NR];
+    alignas(64) T tile[kMaxTileBytes / sizeof(T)];
     T* ap = st.apack.data();
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t i = row[p], j = col[p];
       if (i != st.row) {
-        const int64_t rows = std::min(BR, M - i * BR), full = rows / kMR;
+        const int64_t rows = std::min(BR, M - i * BR), full = rows / MR;
         for (int64_t b = 0; b < B; ++b) {
           const T* src = dy + b * M + i * BR;
-          T* dst = ap + b * kMR;
+          T* dst = ap + b * MR;
           int64_t t = 0;
           for (; t < full; ++t)
-            for (int m = 0; m < kMR; ++m) dst[t * B * kMR + m] = src[t * kMR + m];
+            for (int m = 0; m < MR; ++m) dst[t * B * MR + m] = src[t * MR + m];
           for (; t < ntr; ++t)
-            for (int m = 0; m < kMR; ++m) dst[t * B * kMR + m] = t * kMR + m < rows ? src[t * kMR + m] : T(0);
+            for (int m = 0; m < MR; ++m) dst[t * B * MR + m] = t * MR + m < rows ? src[t * MR + m] : T(0);
         }
         st.row = i;
       }
       const bool* mask = patterns ? patterns + mask_ids[p] * blk : nullptr;
       T* out = dw + p * blk;
       for (int64_t t = 0; t < ntr; ++t) {
-        const int mr = static_cast<int>(std::min<int64_t>(kMR, BR - t * kMR));
+        const int mr = static_cast<int>(std::min<int64_t>(MR, BR - t * MR));
         for (int64_t q = 0; q < nq; ++q) {
-          kern[mr](ap + t * B * kMR, &zero, &B, 1, xp + (j * nq + q) * B * NR, tile);
+          ks.tile[mr](ap + t * B * MR, &zero, &B, 1, xp + (j * nq + q) * B * NR, tile);
           const int64_t nv = std::min<int64_t>(NR, BC - q * NR);
           if (mask) {
             for (int m = 0; m < mr; ++m) {
-              const bool* mk = mask + (t * kMR + m) * BC + q * NR;
+              const bool* mk = mask + (t * MR + m) * BC + q * NR;
               for (int64_t n = 0; n < nv; ++n)
                 if (!mk[n]) tile[m * NR + n] = T(0);  // exactly 0, even for NaN inputs
             }
           }
-          store_rows(tile, mr, nv, out + t * kMR * BC + q * NR, BC);
+          ks.store_rows(tile, mr, nv, out + t * MR * BC + q * NR, BC);
         }
       }
     }
@@ -556,8 +599,24 @@ at::Tensor bsr_grad_weight_cpu(const at::Tensor& dy, const at::Tensor& x, const 
   return dw;
 }
 
+// The ISA of the micro-kernels for this process: `request` "avx512" | "avx2" | "generic" selects
+// that one, capped at what the CPU has; "best" the best it has; "" changes nothing. Returns the
+// name of the ISA now active.
+std::string cpu_isa(const std::string& request) {
+  Isa isa;
+  try {
+    isa = request.empty() ? active_isa() : request == "best" ? set_isa(best_isa()) : set_isa(parse_isa(request.c_str()));
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, e.what(), " (or 'best', or '' to query)");
+  }
+  return isa_name(isa);
+}
+
 }  // namespace
 }  // namespace efcn_cpu
+
+// Not a tensor op: no dispatch key, one kernel for every device.
+TORCH_LIBRARY_FRAGMENT(efcn_sparse_C, m) { m.def("cpu_isa(str request) -> str", &efcn_cpu::cpu_isa); }
 
 TORCH_LIBRARY_IMPL(efcn_sparse_C, CPU, m) {
   m.impl("bsr_forward", &efcn_cpu::bsr_forward_cpu);
