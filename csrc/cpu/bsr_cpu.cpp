@@ -12,7 +12,8 @@
 //   block row (column) and written once. A per-thread panel holds at most kKMax x block side.
 // * grad_weight: x is repacked once per call into per-block-column panels, dy per block row
 //   into a per-thread panel; each block is then one [BR x B] @ [B x BC] product.
-// No buffer scales with stored blocks x batch.
+// No buffer scales with stored blocks x batch. Large buffers (outputs, packed operands) come from
+// buffer_pool.h, which recycles them between calls instead of paying page faults each time.
 //
 // Edge blocks that stick out of (M, N) are handled by limiting K to the in-range part and
 // zero-padding the packed panels; out-of-range entries of x, dy, y, dx are never touched.
@@ -40,13 +41,13 @@
 
 #include <algorithm>
 #include <atomic>
-#include <sys/mman.h>
 #include <optional>
 #include <stdexcept>
 #include <string>
 #include <tuple>
 #include <vector>
 
+#include "buffer_pool.h"
 #include "microkernel.h"
 
 namespace efcn_cpu {
@@ -57,23 +58,6 @@ namespace {
 constexpr int64_t kKMax = 1024;
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// at::empty, with the kernel asked to back large buffers by transparent huge pages: first-touch
-// page faults on 4 KiB pages otherwise cost about as much as packing the buffer. Only advice:
-// nothing changes where THP is off or unsupported.
-at::Tensor empty_huge(at::IntArrayRef sizes, at::ScalarType dtype) {
-  at::Tensor t = at::empty(sizes, at::TensorOptions().dtype(dtype));
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const size_t bytes = t.nbytes();
-  if (bytes >= 2 * kHuge) {
-    const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-    const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = (p + bytes) & ~(kHuge - 1);
-    if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-  }
-#endif
-  return t;
-}
 
 // ------------------------------------------------------------------------------ checks
 bool is_float_type(at::ScalarType t) {
@@ -267,6 +251,16 @@ void fill_rows(T* out, int64_t ldc, int64_t b0, int64_t b1, int64_t nv, const T*
   }
 }
 
+// Asks for the cache line at p. An asm statement: GCC deletes __builtin_prefetch loops it deems
+// free of side effects (it did, silently, for the forward's). Never faults, whatever p.
+inline void prefetch_line(const void* p) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p, 0, 3);
+#endif
+}
+
 // Prefetches rows [0, rows) x columns [0, len) of a row-major block (leading dim ld) into the
 // caches, one block ahead of packing: the blocks are read from memory once per call, and
 // asking early hides the latency the hardware prefetcher leaves between blocks.
@@ -274,17 +268,17 @@ template <typename T>
 void prefetch_rows(const T* p, int64_t rows, int64_t ld, int64_t len) {
   constexpr int64_t kLine = 64 / sizeof(T);
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < len; c += kLine) __builtin_prefetch(p + r * ld + c, 0, 3);
+    for (int64_t c = 0; c < len; c += kLine) prefetch_line(p + r * ld + c);
 }
 
-// Prefetches into L2 part `part` of `nparts` of the cache lines of n blocks of `bytes` bytes each,
+// Prefetches part `part` of `nparts` of the cache lines of n blocks of `bytes` bytes each,
 // block b at block(b): the next slice's blocks, spread over the current slice's tile products so
 // that their memory latency overlaps computation instead of stalling the packing.
 template <typename BlockPtr>
 void prefetch_part(int64_t n, int64_t bytes, BlockPtr block, int64_t part, int64_t nparts) {
   const int64_t per = cdiv(bytes, 64), total = n * per;
   for (int64_t l = total * part / nparts, e = total * (part + 1) / nparts; l < e; ++l)
-    __builtin_prefetch(reinterpret_cast<const char*>(block(l / per)) + (l % per) * 64, 0, 2);
+    prefetch_line(reinterpret_cast<const char*>(block(l / per)) + (l % per) * 64);
 }
 
 // Shared driver of forward and grad_input: out [B, ldc] gets, for each of n_groups output block
@@ -299,7 +293,7 @@ void slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, T* out, 
                 Prefetch prefetch) {
   const int NR = ks.nr, MR = ks.mr;
   const int64_t nq = cdiv(side, NR), nbt = cdiv(B, MR);
-  at::Tensor ap_t = empty_huge({nbt * F * MR}, c10::CppTypeToScalarType<T>::value);
+  at::Tensor ap_t = pooled_empty({nbt * F * MR}, c10::CppTypeToScalarType<T>::value);
   T* ap = ap_t.data_ptr<T>();
   pack_batch_tiles(a, B, F, ap, MR);
   const int64_t tiles_per_task = cdiv(nbt, batch_chunks(n_groups, nbt));
@@ -375,8 +369,9 @@ void forward_kernel(const T* x, const T* w, const T* bias, const int32_t* crow, 
     }
   };
   auto prefetch = [=](int64_t i, int64_t part, int64_t nparts) {  // block row i: one contiguous range
-    prefetch_part(crow[i + 1] - crow[i], BR * BC * int64_t{sizeof(T)},
-                  [=](int64_t b) { return w + (crow[i] + b) * BR * BC; }, part, nparts);
+    const T* first = w + int64_t{crow[i]} * BR * BC;
+    prefetch_part(1, (int64_t{crow[i + 1]} - crow[i]) * BR * BC * int64_t{sizeof(T)}, [=](int64_t) { return first; },
+                  part, nparts);
   };
   slice_gemm<T>(ks, x, B, N, y, M, cdiv(M, BR), BR, M, bias, B * crow[cdiv(M, BR)] * BR * BC, blocks, pack_b,
                 prefetch);
@@ -432,7 +427,7 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
   const Kernels<T>& ks = active_kernels<T>();
   const int NR = ks.nr, MR = ks.mr;
   const int64_t ntr = cdiv(BR, MR), nq = cdiv(BC, NR), blk = BR * BC, nbc = cdiv(N, BC);
-  at::Tensor x_t = empty_huge({nbc * nq * B * NR}, c10::CppTypeToScalarType<T>::value);
+  at::Tensor x_t = pooled_empty({nbc * nq * B * NR}, c10::CppTypeToScalarType<T>::value);
   T* xp = x_t.data_ptr<T>();
   constexpr int64_t kRows = 16;  // batch rows at a time: kRows sequential read streams, whole-line writes
   at::parallel_for(0, cdiv(B, kRows), grain_for(kRows * N), [&](int64_t c0, int64_t c1) {
@@ -462,6 +457,9 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
   parallel_dynamic(nnzb, nnzb * B * blk, init, [&](Scratch& st, int64_t p0, int64_t p1) {
     alignas(64) T tile[kMaxTileBytes / sizeof(T)];
     T* ap = st.apack.data();
+    // dy of the next block row of this range, prefetched over the current row's products: its
+    // B rows are M apart, a gather whose memory latency would otherwise stall the packing
+    int64_t pf_row = -1, pf_part = 0, pf_parts = 1;
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t i = row[p], j = col[p];
       if (i != st.row) {
@@ -476,6 +474,11 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
             for (int m = 0; m < MR; ++m) dst[t * B * MR + m] = t * MR + m < rows ? src[t * MR + m] : T(0);
         }
         st.row = i;
+        int64_t next = p + 1;
+        while (next < p1 && row[next] == i) ++next;
+        pf_row = next < p1 ? row[next] : -1;
+        pf_part = 0;
+        pf_parts = (next - p) * ntr * nq;
       }
       const bool* mask = patterns ? patterns + mask_ids[p] * blk : nullptr;
       T* out = dw + p * blk;
@@ -492,6 +495,9 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
             }
           }
           ks.store_rows(tile, mr, nv, out + t * MR * BC + q * NR, BC);
+          if (pf_row >= 0)
+            prefetch_part(B, std::min(BR, M - pf_row * BR) * int64_t{sizeof(T)},
+                          [=](int64_t b) { return dy + b * M + pf_row * BR; }, pf_part++, pf_parts);
         }
       }
     }
@@ -525,7 +531,7 @@ at::Tensor bsr_forward_cpu(const at::Tensor& x, const at::Tensor& values, const 
     return bsr_forward_cpu(x.to(at::kFloat), values.to(at::kFloat), bias_f, crow_ptr, col_idx, row_idx, M)
         .to(values.scalar_type());
   }
-  at::Tensor y = empty_huge({B, M}, x.scalar_type());
+  at::Tensor y = pooled_empty({B, M}, x.scalar_type());
   if (B == 0 || M == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "bsr_forward_cpu", [&] {
     forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), values.data_ptr<scalar_t>(),
@@ -550,7 +556,7 @@ at::Tensor bsr_grad_input_cpu(const at::Tensor& dy, const at::Tensor& values, co
   if (is_half(values.scalar_type()))
     return bsr_grad_input_cpu(dy.to(at::kFloat), values.to(at::kFloat), ccol_ptr, t_row_idx, t_perm, N)
         .to(values.scalar_type());
-  at::Tensor dx = empty_huge({B, N}, dy.scalar_type());
+  at::Tensor dx = pooled_empty({B, N}, dy.scalar_type());
   if (B == 0 || N == 0) return dx;
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "bsr_grad_input_cpu", [&] {
     grad_input_kernel<scalar_t>(dy.data_ptr<scalar_t>(), values.data_ptr<scalar_t>(), ccol_ptr.data_ptr<int32_t>(),
@@ -588,7 +594,7 @@ at::Tensor bsr_grad_weight_cpu(const at::Tensor& dy, const at::Tensor& x, const 
     return bsr_grad_weight_cpu(dy.to(at::kFloat), x.to(at::kFloat), row_idx, col_idx, mask_ids, mask_patterns, BR, BC)
         .to(dy.scalar_type());
   if (B == 0) return at::zeros({nnzb, BR, BC}, dy.options());
-  at::Tensor dw = empty_huge({nnzb, BR, BC}, dy.scalar_type());
+  at::Tensor dw = pooled_empty({nnzb, BR, BC}, dy.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "bsr_grad_weight_cpu", [&] {
     grad_weight_kernel<scalar_t>(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), row_idx.data_ptr<int32_t>(),
                                  col_idx.data_ptr<int32_t>(),

@@ -11,17 +11,9 @@
 #include <string>
 #include <utility>
 
-// AddressSanitizer does not see loads made by intrinsics, so sanitized builds use the portable
-// kernels only, whose accesses are exactly those of the SIMD ones (same panels, same extents).
-#if defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define EFCN_ASAN 1
-#endif
-#endif
-#if defined(__SANITIZE_ADDRESS__)
-#define EFCN_ASAN 1
-#endif
-
+// AddressSanitizer does not see loads made by intrinsics, so sanitized builds (EFCN_ASAN, see
+// microkernel.h) use the portable kernels only, whose accesses are exactly those of the SIMD ones
+// (same panels, same extents).
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(EFCN_ASAN)
 #define EFCN_HAVE_SIMD_PATHS 1
 #include <immintrin.h>
@@ -37,7 +29,7 @@ template <typename T>
 constexpr int kNR256 = 64 / static_cast<int>(sizeof(T));
 template <typename T>
 constexpr int kNR512 = 128 / static_cast<int>(sizeof(T));
-constexpr int kMR256 = 6, kMR512 = 12;
+constexpr int kMR256 = 6, kMR512 = 8;
 static_assert(kMR512 <= kMaxMR && kMR512 * 128 <= kMaxTileBytes, "tile bounds in microkernel.h");
 
 // ------------------------------------------------------------------------------ portable

@@ -21,6 +21,17 @@
 
 #include <cstdint>
 
+// Defined in AddressSanitizer builds, which run the portable kernels only (ASan does not see the
+// loads of intrinsics) and recycle no buffers (buffer_pool.h).
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define EFCN_ASAN 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__) && !defined(EFCN_ASAN)
+#define EFCN_ASAN 1
+#endif
+
 namespace efcn_cpu {
 
 enum class Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
