@@ -271,26 +271,33 @@ void prefetch_rows(const T* p, int64_t rows, int64_t ld, int64_t len) {
     for (int64_t c = 0; c < len; c += kLine) prefetch_line(p + r * ld + c);
 }
 
-// Prefetches part `part` of `nparts` of the cache lines of n blocks of `bytes` bytes each,
-// block b at block(b): the next slice's blocks, spread over the current slice's tile products so
-// that their memory latency overlaps computation instead of stalling the packing.
+// Appends to `out` part `part` of `nparts` of the cache lines of n blocks of `bytes` bytes each,
+// block b at block(b): the next slice's blocks (or dy rows), handed to the micro-kernels of the
+// current one, which prefetch them between multiply-adds (microkernel.h), so that their memory
+// latency overlaps computation instead of stalling the packing.
 template <typename BlockPtr>
-void prefetch_part(int64_t n, int64_t bytes, BlockPtr block, int64_t part, int64_t nparts) {
-  const int64_t per = cdiv(bytes, 64), total = n * per;
-  for (int64_t l = total * part / nparts, e = total * (part + 1) / nparts; l < e; ++l)
-    prefetch_line(reinterpret_cast<const char*>(block(l / per)) + (l % per) * 64);
+void lines_part(int64_t n, int64_t bytes, BlockPtr block, int64_t part, int64_t nparts, std::vector<const void*>& out) {
+  const int64_t per = cdiv(bytes, 64), total = n * per, l1 = total * (part + 1) / nparts;
+  int64_t l = total * part / nparts;
+  size_t o = out.size();
+  out.resize(o + (l1 - l));
+  while (l < l1) {
+    const int64_t b = l / per, end = std::min(l1, (b + 1) * per);
+    const char* base = reinterpret_cast<const char*>(block(b)) - b * per * 64;
+    for (; l < end; ++l) out[o++] = base + l * 64;
+  }
 }
 
 // Shared driver of forward and grad_input: out [B, ldc] gets, for each of n_groups output block
 // slices g (a block row of y, or a block column of dx), the product of the streamed operand
 // `a` [B, F] at the columns of the group's segments with the packed blocks. `blocks(g)` gives
 // (p0, p1, extent, make) for for_each_group; `pack_b(segs, K, nv, bpack)` packs the group's
-// blocks as [nq][K][NR], columns past nv zero; the tile shape is that of `ks`. `prefetch(g, part,
-// nparts)` prefetches a part of slice g's blocks (prefetch_part).
-template <typename T, typename Blocks, typename PackB, typename Prefetch>
+// blocks as [nq][K][NR], columns past nv zero; the tile shape is that of `ks`. `lines(g, part,
+// nparts, out)` appends a part of the cache lines of slice g's blocks (lines_part).
+template <typename T, typename Blocks, typename PackB, typename Lines>
 void slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, T* out, int64_t ldc, int64_t n_groups,
                 int64_t side, int64_t out_cols, const T* bias, int64_t work, Blocks blocks, PackB pack_b,
-                Prefetch prefetch) {
+                Lines lines) {
   const int NR = ks.nr, MR = ks.mr;
   const int64_t nq = cdiv(side, NR), nbt = cdiv(B, MR);
   at::Tensor ap_t = pooled_empty({nbt * F * MR}, c10::CppTypeToScalarType<T>::value);
@@ -302,12 +309,14 @@ void slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, T* out, 
     std::vector<T> bpack;
     std::vector<int64_t> offs, ks;
     std::vector<Seg<T>> segs;
+    std::vector<const void*> pf;
   };
-  auto init = [&] { return Scratch{std::vector<T>(nq * std::min(kKMax, F) * NR), {}, {}, {}}; };
+  auto init = [&] { return Scratch{std::vector<T>(nq * std::min(kKMax, F) * NR), {}, {}, {}, {}}; };
   parallel_dynamic(n_groups * nch, work, init, [&](Scratch& st, int64_t u0, int64_t u1) {
     std::vector<T>& bpack = st.bpack;
     std::vector<int64_t>& offs = st.offs;
     std::vector<int64_t>& kk = st.ks;
+    std::vector<const void*>& pf = st.pf;
     alignas(64) T tile[kMaxTileBytes / sizeof(T)];
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t g = u / nch, bt0 = (u % nch) * tiles_per_task, bt1 = std::min(nbt, bt0 + tiles_per_task);
@@ -334,11 +343,12 @@ void slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, T* out, 
         for (int64_t bt = bt0; bt < bt1; ++bt) {
           const int mr = static_cast<int>(std::min<int64_t>(MR, B - bt * MR));
           for (int64_t q = 0; q < nq; ++q) {
+            pf.clear();
+            if (first && g_next >= 0) lines(g_next, (bt - bt0) * nq + q, nparts, pf);
             ks.tile[mr](ap + bt * F * MR, offs.data(), kk.data(), static_cast<int>(sg.size()), bpack.data() + q * K * NR,
-                        tile);
+                        tile, pf.data(), static_cast<int>(pf.size()));
             store_tile(tile, mr, NR, std::min<int64_t>(NR, nv - q * NR), o + bt * MR * ldc + q * NR, ldc, !first,
                        (last && bias_g) ? bias_g + q * NR : nullptr);
-            if (first && g_next >= 0) prefetch(g_next, (bt - bt0) * nq + q, nparts);
           }
         }
       };
@@ -368,13 +378,13 @@ void forward_kernel(const T* x, const T* w, const T* bias, const int32_t* crow, 
       koff += sg[s].k;
     }
   };
-  auto prefetch = [=](int64_t i, int64_t part, int64_t nparts) {  // block row i: one contiguous range
+  auto lines = [=](int64_t i, int64_t part, int64_t nparts, std::vector<const void*>& out) {  // contiguous
     const T* first = w + int64_t{crow[i]} * BR * BC;
-    prefetch_part(1, (int64_t{crow[i + 1]} - crow[i]) * BR * BC * int64_t{sizeof(T)}, [=](int64_t) { return first; },
-                  part, nparts);
+    lines_part(1, (int64_t{crow[i + 1]} - crow[i]) * BR * BC * int64_t{sizeof(T)}, [=](int64_t) { return first; },
+               part, nparts, out);
   };
   slice_gemm<T>(ks, x, B, N, y, M, cdiv(M, BR), BR, M, bias, B * crow[cdiv(M, BR)] * BR * BC, blocks, pack_b,
-                prefetch);
+                lines);
 }
 
 // ------------------------------------------------------------------------------ grad_input
@@ -407,12 +417,12 @@ void grad_input_kernel(const T* dy, const T* w, const int32_t* ccol, const int32
       koff += sg[s].k;
     }
   };
-  auto prefetch = [=](int64_t j, int64_t part, int64_t nparts) {
-    prefetch_part(ccol[j + 1] - ccol[j], BR * BC * int64_t{sizeof(T)},
-                  [=](int64_t b) { return w + t_perm[ccol[j] + b] * BR * BC; }, part, nparts);
+  auto lines = [=](int64_t j, int64_t part, int64_t nparts, std::vector<const void*>& out) {
+    lines_part(ccol[j + 1] - ccol[j], BR * BC * int64_t{sizeof(T)},
+               [=](int64_t b) { return w + t_perm[ccol[j] + b] * BR * BC; }, part, nparts, out);
   };
   slice_gemm<T>(ks, dy, B, M, dx, N, cdiv(N, BC), BC, N, nullptr, B * ccol[cdiv(N, BC)] * BR * BC, blocks, pack_b,
-                prefetch);
+                lines);
 }
 
 // ------------------------------------------------------------------------------ grad_weight
@@ -452,8 +462,9 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
   struct Scratch {
     std::vector<T> apack;
     int64_t row;  // block row held in apack, -1: none
+    std::vector<const void*> pf;
   };
-  auto init = [&] { return Scratch{std::vector<T>(ntr * B * MR), -1}; };
+  auto init = [&] { return Scratch{std::vector<T>(ntr * B * MR), -1, {}}; };
   parallel_dynamic(nnzb, nnzb * B * blk, init, [&](Scratch& st, int64_t p0, int64_t p1) {
     alignas(64) T tile[kMaxTileBytes / sizeof(T)];
     T* ap = st.apack.data();
@@ -485,7 +496,12 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
       for (int64_t t = 0; t < ntr; ++t) {
         const int mr = static_cast<int>(std::min<int64_t>(MR, BR - t * MR));
         for (int64_t q = 0; q < nq; ++q) {
-          ks.tile[mr](ap + t * B * MR, &zero, &B, 1, xp + (j * nq + q) * B * NR, tile);
+          st.pf.clear();
+          if (pf_row >= 0)
+            lines_part(B, std::min(BR, M - pf_row * BR) * int64_t{sizeof(T)},
+                       [=](int64_t b) { return dy + b * M + pf_row * BR; }, pf_part++, pf_parts, st.pf);
+          ks.tile[mr](ap + t * B * MR, &zero, &B, 1, xp + (j * nq + q) * B * NR, tile, st.pf.data(),
+                      static_cast<int>(st.pf.size()));
           const int64_t nv = std::min<int64_t>(NR, BC - q * NR);
           if (mask) {
             for (int m = 0; m < mr; ++m) {
@@ -495,9 +511,6 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
             }
           }
           ks.store_rows(tile, mr, nv, out + t * MR * BC + q * NR, BC);
-          if (pf_row >= 0)
-            prefetch_part(B, std::min(BR, M - pf_row * BR) * int64_t{sizeof(T)},
-                          [=](int64_t b) { return dy + b * M + pf_row * BR; }, pf_part++, pf_parts);
         }
       }
     }

@@ -34,7 +34,8 @@ static_assert(kMR512 <= kMaxMR && kMR512 * 128 <= kMaxTileBytes, "tile bounds in
 
 // ------------------------------------------------------------------------------ portable
 template <typename T, int PMR, int NR, int MR>
-void micro_generic(const T* A0, const int64_t* a_off, const int64_t* a_k, int nseg, const T* B, T* C) {
+void micro_generic(const T* A0, const int64_t* a_off, const int64_t* a_k, int nseg, const T* B, T* C,
+                   const void* const*, int) {
   T acc[MR][NR] = {};
   for (int s = 0; s < nseg; ++s) {
     const T* A = A0 + a_off[s];
@@ -78,13 +79,18 @@ void store_rows_portable(const T* tile, int rows, int64_t nv, T* out, int64_t ld
 // ------------------------------------------------------------------------------ AVX2 + FMA
 template <int MR>
 __attribute__((target("avx2,fma"))) void micro_avx2_f32(const float* A0, const int64_t* a_off, const int64_t* a_k,
-                                                        int nseg, const float* B, float* C) {
+                                                        int nseg, const float* B, float* C,
+                                                        const void* const* pf, int npf) {
   __m256 c0[MR], c1[MR];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) c0[m] = c1[m] = _mm256_setzero_ps();
   for (int s = 0; s < nseg; ++s) {
     const float* A = A0 + a_off[s];
     for (int64_t k = a_k[s]; k > 0; --k, A += kMR256, B += 16) {
+      if (npf > 0 && (k & 3) == 0) {
+        _mm_prefetch(static_cast<const char*>(*pf++), _MM_HINT_T0);
+        --npf;
+      }
       const __m256 b0 = _mm256_loadu_ps(B), b1 = _mm256_loadu_ps(B + 8);
 #pragma GCC unroll 8
       for (int m = 0; m < MR; ++m) {
@@ -94,6 +100,7 @@ __attribute__((target("avx2,fma"))) void micro_avx2_f32(const float* A0, const i
       }
     }
   }
+  for (; npf > 0; --npf) _mm_prefetch(static_cast<const char*>(*pf++), _MM_HINT_T0);
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) {
     _mm256_storeu_ps(C + m * 16, c0[m]);
@@ -103,13 +110,18 @@ __attribute__((target("avx2,fma"))) void micro_avx2_f32(const float* A0, const i
 
 template <int MR>
 __attribute__((target("avx2,fma"))) void micro_avx2_f64(const double* A0, const int64_t* a_off, const int64_t* a_k,
-                                                        int nseg, const double* B, double* C) {
+                                                        int nseg, const double* B, double* C,
+                                                        const void* const* pf, int npf) {
   __m256d c0[MR], c1[MR];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) c0[m] = c1[m] = _mm256_setzero_pd();
   for (int s = 0; s < nseg; ++s) {
     const double* A = A0 + a_off[s];
     for (int64_t k = a_k[s]; k > 0; --k, A += kMR256, B += 8) {
+      if (npf > 0 && (k & 3) == 0) {
+        _mm_prefetch(static_cast<const char*>(*pf++), _MM_HINT_T0);
+        --npf;
+      }
       const __m256d b0 = _mm256_loadu_pd(B), b1 = _mm256_loadu_pd(B + 4);
 #pragma GCC unroll 8
       for (int m = 0; m < MR; ++m) {
@@ -119,6 +131,7 @@ __attribute__((target("avx2,fma"))) void micro_avx2_f64(const double* A0, const 
       }
     }
   }
+  for (; npf > 0; --npf) _mm_prefetch(static_cast<const char*>(*pf++), _MM_HINT_T0);
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) {
     _mm256_storeu_pd(C + m * 8, c0[m]);
@@ -129,13 +142,18 @@ __attribute__((target("avx2,fma"))) void micro_avx2_f64(const double* A0, const 
 // ------------------------------------------------------------------------------ AVX-512F
 template <int MR>
 __attribute__((target("avx512f,fma"))) void micro_avx512_f32(const float* A0, const int64_t* a_off,
-                                                             const int64_t* a_k, int nseg, const float* B, float* C) {
+                                                             const int64_t* a_k, int nseg, const float* B, float* C,
+                                                             const void* const* pf, int npf) {
   __m512 c0[MR], c1[MR];
 #pragma GCC unroll 12
   for (int m = 0; m < MR; ++m) c0[m] = c1[m] = _mm512_setzero_ps();
   for (int s = 0; s < nseg; ++s) {
     const float* A = A0 + a_off[s];
     for (int64_t k = a_k[s]; k > 0; --k, A += kMR512, B += 32) {
+      if (npf > 0 && (k & 3) == 0) {
+        _mm_prefetch(static_cast<const char*>(*pf++), _MM_HINT_T0);
+        --npf;
+      }
       const __m512 b0 = _mm512_loadu_ps(B), b1 = _mm512_loadu_ps(B + 16);
 #pragma GCC unroll 12
       for (int m = 0; m < MR; ++m) {
@@ -145,6 +163,7 @@ __attribute__((target("avx512f,fma"))) void micro_avx512_f32(const float* A0, co
       }
     }
   }
+  for (; npf > 0; --npf) _mm_prefetch(static_cast<const char*>(*pf++), _MM_HINT_T0);
 #pragma GCC unroll 12
   for (int m = 0; m < MR; ++m) {
     _mm512_storeu_ps(C + m * 32, c0[m]);
@@ -154,13 +173,18 @@ __attribute__((target("avx512f,fma"))) void micro_avx512_f32(const float* A0, co
 
 template <int MR>
 __attribute__((target("avx512f,fma"))) void micro_avx512_f64(const double* A0, const int64_t* a_off,
-                                                             const int64_t* a_k, int nseg, const double* B, double* C) {
+                                                             const int64_t* a_k, int nseg, const double* B, double* C,
+                                                             const void* const* pf, int npf) {
   __m512d c0[MR], c1[MR];
 #pragma GCC unroll 12
   for (int m = 0; m < MR; ++m) c0[m] = c1[m] = _mm512_setzero_pd();
   for (int s = 0; s < nseg; ++s) {
     const double* A = A0 + a_off[s];
     for (int64_t k = a_k[s]; k > 0; --k, A += kMR512, B += 16) {
+      if (npf > 0 && (k & 3) == 0) {
+        _mm_prefetch(static_cast<const char*>(*pf++), _MM_HINT_T0);
+        --npf;
+      }
       const __m512d b0 = _mm512_loadu_pd(B), b1 = _mm512_loadu_pd(B + 8);
 #pragma GCC unroll 12
       for (int m = 0; m < MR; ++m) {
@@ -170,6 +194,7 @@ __attribute__((target("avx512f,fma"))) void micro_avx512_f64(const double* A0, c
       }
     }
   }
+  for (; npf > 0; --npf) _mm_prefetch(static_cast<const char*>(*pf++), _MM_HINT_T0);
 #pragma GCC unroll 12
   for (int m = 0; m < MR; ++m) {
     _mm512_storeu_pd(C + m * 16, c0[m]);
@@ -278,8 +303,9 @@ Isa detect_isa() { return Isa::kGeneric; }
 template <typename T, int PMR, int NR>
 struct GenericOf {
   template <int MR>
-  static void fn(const T* A, const int64_t* o, const int64_t* k, int n, const T* B, T* C) {
-    micro_generic<T, PMR, NR, MR>(A, o, k, n, B, C);
+  static void fn(const T* A, const int64_t* o, const int64_t* k, int n, const T* B, T* C, const void* const* pf,
+                 int npf) {
+    micro_generic<T, PMR, NR, MR>(A, o, k, n, B, C, pf, npf);
   }
 };
 
@@ -300,26 +326,30 @@ Kernels<T> make_generic() {
 #ifdef EFCN_HAVE_SIMD_PATHS
 struct Avx2F32 {
   template <int MR>
-  static void fn(const float* A, const int64_t* o, const int64_t* k, int n, const float* B, float* C) {
-    micro_avx2_f32<MR>(A, o, k, n, B, C);
+  static void fn(const float* A, const int64_t* o, const int64_t* k, int n, const float* B, float* C,
+                 const void* const* pf, int npf) {
+    micro_avx2_f32<MR>(A, o, k, n, B, C, pf, npf);
   }
 };
 struct Avx2F64 {
   template <int MR>
-  static void fn(const double* A, const int64_t* o, const int64_t* k, int n, const double* B, double* C) {
-    micro_avx2_f64<MR>(A, o, k, n, B, C);
+  static void fn(const double* A, const int64_t* o, const int64_t* k, int n, const double* B, double* C,
+                 const void* const* pf, int npf) {
+    micro_avx2_f64<MR>(A, o, k, n, B, C, pf, npf);
   }
 };
 struct Avx512F32 {
   template <int MR>
-  static void fn(const float* A, const int64_t* o, const int64_t* k, int n, const float* B, float* C) {
-    micro_avx512_f32<MR>(A, o, k, n, B, C);
+  static void fn(const float* A, const int64_t* o, const int64_t* k, int n, const float* B, float* C,
+                 const void* const* pf, int npf) {
+    micro_avx512_f32<MR>(A, o, k, n, B, C, pf, npf);
   }
 };
 struct Avx512F64 {
   template <int MR>
-  static void fn(const double* A, const int64_t* o, const int64_t* k, int n, const double* B, double* C) {
-    micro_avx512_f64<MR>(A, o, k, n, B, C);
+  static void fn(const double* A, const int64_t* o, const int64_t* k, int n, const double* B, double* C,
+                 const void* const* pf, int npf) {
+    micro_avx512_f64<MR>(A, o, k, n, B, C, pf, npf);
   }
 };
 

@@ -39,8 +39,12 @@ enum class Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
 constexpr int kMaxMR = 12;        // most rows of a register tile, over all ISAs
 constexpr int kMaxTileBytes = kMaxMR * 128;  // most bytes of one mr x nr tile
 
+// pf[0..npf): cache lines the caller wants fetched for its next work; the SIMD kernels issue one
+// prefetch every few k steps, so that memory latency overlaps the multiply-adds instead of
+// stalling a burst of prefetches (the portable kernel ignores them).
 template <typename T>
-using MicroKernel = void (*)(const T* A, const int64_t* a_off, const int64_t* a_k, int nseg, const T* B, T* C);
+using MicroKernel = void (*)(const T* A, const int64_t* a_off, const int64_t* a_k, int nseg, const T* B, T* C,
+                             const void* const* pf, int npf);
 
 // The micro-kernels of one ISA for T, with the panel helpers that agree with its tile shape.
 template <typename T>
