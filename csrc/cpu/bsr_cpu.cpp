@@ -55,7 +55,7 @@ namespace {
 
 // Longest K (in elements) one packed panel holds. Longer rows/columns/batches are split at
 // fixed points into groups whose partial results are summed through the output.
-constexpr int64_t kKMax = 1024;
+constexpr int64_t kKMax = 256;
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -340,9 +340,10 @@ void slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, T* out, 
           offs[s] = sg[s].a_off * MR;
           kk[s] = sg[s].k;
         }
-        for (int64_t bt = bt0; bt < bt1; ++bt) {
-          const int mr = static_cast<int>(std::min<int64_t>(MR, B - bt * MR));
-          for (int64_t q = 0; q < nq; ++q) {
+        // q outer: one B panel (K x NR, at most kKMax x NR) stays in L1 across the batch tiles
+        for (int64_t q = 0; q < nq; ++q) {
+          for (int64_t bt = bt0; bt < bt1; ++bt) {
+            const int mr = static_cast<int>(std::min<int64_t>(MR, B - bt * MR));
             pf.clear();
             if (first && g_next >= 0) lines(g_next, (bt - bt0) * nq + q, nparts, pf);
             ks.tile[mr](ap + bt * F * MR, offs.data(), kk.data(), static_cast<int>(sg.size()), bpack.data() + q * K * NR,
