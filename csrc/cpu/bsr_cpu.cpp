@@ -359,10 +359,49 @@ void slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, T* out, 
 }
 
 // ------------------------------------------------------------------------------ forward
+// Batches up to this size run the forward as matrix-vector products where the ISA has them
+// (Kernels::gemv): memory-bound, the weights are read once and not transposed into panels.
+constexpr int64_t kGemvBatch = 2;
+
+template <typename T>
+void forward_gemv(const Kernels<T>& ks, const T* x, const T* w, const T* bias, const int32_t* crow, const int32_t* col,
+                  T* y, int64_t B, int64_t N, int64_t M, int64_t BR, int64_t BC) {
+  const int64_t nbr = cdiv(M, BR);
+  struct Scratch {
+    std::vector<const T*> ws, xs;
+    std::vector<int64_t> len;
+    std::vector<T> out;
+  };
+  auto init = [&] { return Scratch{{}, {}, {}, std::vector<T>(BR)}; };
+  parallel_dynamic(nbr, B * crow[nbr] * BR * BC, init, [&](Scratch& st, int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t rows = std::min(BR, M - i * BR), p0 = crow[i], p1 = crow[i + 1];
+      st.ws.resize(p1 - p0);
+      st.xs.resize(p1 - p0);
+      st.len.resize(p1 - p0);
+      for (int64_t p = p0; p < p1; ++p) {
+        st.ws[p - p0] = w + p * BR * BC;
+        st.len[p - p0] = std::min(BC, N - col[p] * BC);
+      }
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t p = p0; p < p1; ++p) st.xs[p - p0] = x + b * N + col[p] * BC;
+        T* o = y + b * M + i * BR;
+        if (p1 > p0) {
+          ks.gemv(st.ws.data(), st.xs.data(), st.len.data(), static_cast<int>(p1 - p0), rows, BC, st.out.data());
+          for (int64_t r = 0; r < rows; ++r) o[r] = bias ? st.out[r] + bias[i * BR + r] : st.out[r];
+        } else {
+          for (int64_t r = 0; r < rows; ++r) o[r] = bias ? bias[i * BR + r] : T(0);
+        }
+      }
+    }
+  });
+}
+
 template <typename T>
 void forward_kernel(const T* x, const T* w, const T* bias, const int32_t* crow, const int32_t* col, T* y,
                     int64_t B, int64_t N, int64_t M, int64_t BR, int64_t BC) {
   const Kernels<T>& ks = active_kernels<T>();
+  if (B <= kGemvBatch && ks.gemv) return forward_gemv(ks, x, w, bias, crow, col, y, B, N, M, BR, BC);
   const int NR = ks.nr;
   const int64_t nq = cdiv(BR, NR);
   auto extent = [=](int64_t p) { return std::min(BC, N - col[p] * BC); };

@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 #include <utility>
+#include <vector>
 
 // AddressSanitizer does not see loads made by intrinsics, so sanitized builds (EFCN_ASAN, see
 // microkernel.h) use the portable kernels only, whose accesses are exactly those of the SIMD ones
@@ -202,6 +203,87 @@ __attribute__((target("avx512f,fma"))) void micro_avx512_f64(const double* A0, c
   }
 }
 
+// ------------------------------------------------------------------------------ AVX-512F gemv
+// Four rows at a time (four independent weight streams), 64 bytes of k per step, masked tails.
+// t[0] + ... + t[L-1] as a fixed pairwise tree (the lanes of a vector accumulator).
+template <typename T, int L>
+T tree_sum(T (&t)[L]) {
+  for (int w = L / 2; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) t[i] += t[i + w];
+  return t[0];
+}
+
+template <typename T>
+struct Zmm;
+template <>
+struct Zmm<float> {
+  using V = __m512;
+  static constexpr int kLanes = 16;
+  __attribute__((target("avx512f"))) static V zero() { return _mm512_setzero_ps(); }
+  __attribute__((target("avx512f"))) static V load(const float* p) { return _mm512_loadu_ps(p); }
+  __attribute__((target("avx512f"))) static V load(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+  __attribute__((target("avx512f"))) static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  __attribute__((target("avx512f"))) static float sum(V a) {
+    alignas(64) float t[kLanes];
+    _mm512_store_ps(t, a);
+    return tree_sum(t);
+  }
+};
+template <>
+struct Zmm<double> {
+  using V = __m512d;
+  static constexpr int kLanes = 8;
+  __attribute__((target("avx512f"))) static V zero() { return _mm512_setzero_pd(); }
+  __attribute__((target("avx512f"))) static V load(const double* p) { return _mm512_loadu_pd(p); }
+  __attribute__((target("avx512f"))) static V load(__mmask8 m, const double* p) { return _mm512_maskz_loadu_pd(m, p); }
+  __attribute__((target("avx512f"))) static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+  __attribute__((target("avx512f"))) static double sum(V a) {
+    alignas(64) double t[kLanes];
+    _mm512_store_pd(t, a);
+    return tree_sum(t);
+  }
+};
+
+template <typename T, int R>
+__attribute__((target("avx512f"))) void gemv_rows_avx512(const T* const* w, const T* const* x, const int64_t* len,
+                                                         int nseg, int64_t ldw, T* out) {
+  using Z = Zmm<T>;
+  constexpr int L = Z::kLanes;
+  typename Z::V acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = Z::zero();
+  for (int s = 0; s < nseg; ++s) {
+    const T* xs = x[s];
+    const T* ws = w[s];
+    const int64_t n = len[s];
+    int64_t k = 0;
+    for (; k + L <= n; k += L) {
+      const auto xv = Z::load(xs + k);
+      for (int r = 0; r < R; ++r) acc[r] = Z::fma(Z::load(ws + r * ldw + k), xv, acc[r]);
+    }
+    if (k < n) {
+      const unsigned m = (1u << (n - k)) - 1;
+      const auto xv = Z::load(m, xs + k);
+      for (int r = 0; r < R; ++r) acc[r] = Z::fma(Z::load(m, ws + r * ldw + k), xv, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = Z::sum(acc[r]);
+}
+
+template <typename T>
+void gemv_avx512(const T* const* w, const T* const* x, const int64_t* len, int nseg, int64_t rows, int64_t ldw,
+                 T* out) {
+  std::vector<const T*> wr(w, w + nseg);
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    for (int s = 0; s < nseg; ++s) wr[s] = w[s] + r * ldw;
+    gemv_rows_avx512<T, 4>(wr.data(), x, len, nseg, ldw, out + r);
+  }
+  for (; r < rows; ++r) {
+    for (int s = 0; s < nseg; ++s) wr[s] = w[s] + r * ldw;
+    gemv_rows_avx512<T, 1>(wr.data(), x, len, nseg, ldw, out + r);
+  }
+}
+
 // ------------------------------------------------------------------------------ SIMD panel helpers
 // 8 rows x 8 columns of src (leading dim ld) transposed into dst (leading dim ldd).
 __attribute__((target("avx2"))) inline void transpose8x8(const float* s, int64_t ld, float* d, int64_t ldd) {
@@ -318,7 +400,7 @@ void fill(MicroKernel<T>* table, std::integer_sequence<int, Ms...>) {
 template <typename T>
 Kernels<T> make_generic() {
   constexpr int NR = kNR256<T>;
-  Kernels<T> k{Isa::kGeneric, kMR256, NR, {}, &pack_transposed_portable<T, NR>, &store_rows_portable<T, NR>};
+  Kernels<T> k{Isa::kGeneric, kMR256, NR, {}, &pack_transposed_portable<T, NR>, &store_rows_portable<T, NR>, nullptr};
   fill<T, GenericOf<T, kMR256, NR>>(k.tile, std::make_integer_sequence<int, kMR256>{});
   return k;
 }
@@ -355,7 +437,8 @@ struct Avx512F64 {
 
 template <typename T, typename Src, int MR, int NR>
 Kernels<T> make_simd(Isa isa) {
-  Kernels<T> k{isa, MR, NR, {}, &pack_transposed_simd<T, NR>, &store_rows_simd<T, NR>};
+  Kernels<T> k{isa, MR, NR, {}, &pack_transposed_simd<T, NR>, &store_rows_simd<T, NR>,
+               isa == Isa::kAvx512 ? &gemv_avx512<T> : nullptr};
   fill<T, Src>(k.tile, std::make_integer_sequence<int, MR>{});
   return k;
 }

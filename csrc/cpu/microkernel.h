@@ -59,6 +59,12 @@ struct Kernels {
   // (cache-bypassing) stores where a row is whole and aligned (SIMD ISAs); store_fence() orders
   // them before the data is used elsewhere.
   void (*store_rows)(const T* tile, int rows, int64_t nv, T* out, int64_t ld);
+  // out[r] = sum over segments s of sum_{k < len[s]} w[s][r * ldw + k] * x[s][k], for r < rows: a
+  // matrix-vector product over the blocks of a block row (the forward at batch 1, which streams the
+  // weights once and should not transpose them). Per row: lane-wise sums in ascending k, then a
+  // fixed reduction. Null where the ISA has none (the caller then uses the tile kernels).
+  void (*gemv)(const T* const* w, const T* const* x, const int64_t* len, int nseg, int64_t rows, int64_t ldw,
+               T* out);
 };
 
 // The kernels of the active ISA. Read once per op call: an ISA change between calls is safe.
