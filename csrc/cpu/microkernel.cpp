@@ -141,70 +141,6 @@ __attribute__((target("avx2,fma"))) void micro_avx2_f64(const double* A0, const 
 }
 
 // ------------------------------------------------------------------------------ AVX-512F
-template <int MR>
-__attribute__((target("avx512f,fma"))) void micro_avx512_f32(const float* A0, const int64_t* a_off,
-                                                             const int64_t* a_k, int nseg, const float* B, float* C,
-                                                             const void* const* pf, int npf) {
-  __m512 c0[MR], c1[MR];
-#pragma GCC unroll 12
-  for (int m = 0; m < MR; ++m) c0[m] = c1[m] = _mm512_setzero_ps();
-  for (int s = 0; s < nseg; ++s) {
-    const float* A = A0 + a_off[s];
-    for (int64_t k = a_k[s]; k > 0; --k, A += kMR512, B += 32) {
-      if (npf > 0 && (k & 3) == 0) {
-        _mm_prefetch(static_cast<const char*>(*pf++), _MM_HINT_T0);
-        --npf;
-      }
-      const __m512 b0 = _mm512_loadu_ps(B), b1 = _mm512_loadu_ps(B + 16);
-#pragma GCC unroll 12
-      for (int m = 0; m < MR; ++m) {
-        const __m512 a = _mm512_set1_ps(A[m]);
-        c0[m] = _mm512_fmadd_ps(a, b0, c0[m]);
-        c1[m] = _mm512_fmadd_ps(a, b1, c1[m]);
-      }
-    }
-  }
-  for (; npf > 0; --npf) _mm_prefetch(static_cast<const char*>(*pf++), _MM_HINT_T0);
-#pragma GCC unroll 12
-  for (int m = 0; m < MR; ++m) {
-    _mm512_storeu_ps(C + m * 32, c0[m]);
-    _mm512_storeu_ps(C + m * 32 + 16, c1[m]);
-  }
-}
-
-template <int MR>
-__attribute__((target("avx512f,fma"))) void micro_avx512_f64(const double* A0, const int64_t* a_off,
-                                                             const int64_t* a_k, int nseg, const double* B, double* C,
-                                                             const void* const* pf, int npf) {
-  __m512d c0[MR], c1[MR];
-#pragma GCC unroll 12
-  for (int m = 0; m < MR; ++m) c0[m] = c1[m] = _mm512_setzero_pd();
-  for (int s = 0; s < nseg; ++s) {
-    const double* A = A0 + a_off[s];
-    for (int64_t k = a_k[s]; k > 0; --k, A += kMR512, B += 16) {
-      if (npf > 0 && (k & 3) == 0) {
-        _mm_prefetch(static_cast<const char*>(*pf++), _MM_HINT_T0);
-        --npf;
-      }
-      const __m512d b0 = _mm512_loadu_pd(B), b1 = _mm512_loadu_pd(B + 8);
-#pragma GCC unroll 12
-      for (int m = 0; m < MR; ++m) {
-        const __m512d a = _mm512_set1_pd(A[m]);
-        c0[m] = _mm512_fmadd_pd(a, b0, c0[m]);
-        c1[m] = _mm512_fmadd_pd(a, b1, c1[m]);
-      }
-    }
-  }
-  for (; npf > 0; --npf) _mm_prefetch(static_cast<const char*>(*pf++), _MM_HINT_T0);
-#pragma GCC unroll 12
-  for (int m = 0; m < MR; ++m) {
-    _mm512_storeu_pd(C + m * 16, c0[m]);
-    _mm512_storeu_pd(C + m * 16 + 8, c1[m]);
-  }
-}
-
-// ------------------------------------------------------------------------------ AVX-512F gemv
-// Four rows at a time (four independent weight streams), 64 bytes of k per step, masked tails.
 // t[0] + ... + t[L-1] as a fixed pairwise tree (the lanes of a vector accumulator).
 template <typename T, int L>
 T tree_sum(T (&t)[L]) {
@@ -221,6 +157,8 @@ struct Zmm<float> {
   static constexpr int kLanes = 16;
   __attribute__((target("avx512f"))) static V zero() { return _mm512_setzero_ps(); }
   __attribute__((target("avx512f"))) static V load(const float* p) { return _mm512_loadu_ps(p); }
+  __attribute__((target("avx512f"))) static V set1(float a) { return _mm512_set1_ps(a); }
+  __attribute__((target("avx512f"))) static void store(float* p, V a) { _mm512_storeu_ps(p, a); }
   __attribute__((target("avx512f"))) static V load(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
   __attribute__((target("avx512f"))) static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   __attribute__((target("avx512f"))) static float sum(V a) {
@@ -235,6 +173,8 @@ struct Zmm<double> {
   static constexpr int kLanes = 8;
   __attribute__((target("avx512f"))) static V zero() { return _mm512_setzero_pd(); }
   __attribute__((target("avx512f"))) static V load(const double* p) { return _mm512_loadu_pd(p); }
+  __attribute__((target("avx512f"))) static V set1(double a) { return _mm512_set1_pd(a); }
+  __attribute__((target("avx512f"))) static void store(double* p, V a) { _mm512_storeu_pd(p, a); }
   __attribute__((target("avx512f"))) static V load(__mmask8 m, const double* p) { return _mm512_maskz_loadu_pd(m, p); }
   __attribute__((target("avx512f"))) static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
   __attribute__((target("avx512f"))) static double sum(V a) {
@@ -244,6 +184,42 @@ struct Zmm<double> {
   }
 };
 
+// ------------------------------------------------------------------------------ AVX-512F tiles
+// MR rows x two zmm registers; the A entries broadcast from memory.
+template <typename T, int MR>
+__attribute__((target("avx512f"))) void micro_avx512(const T* A0, const int64_t* a_off, const int64_t* a_k, int nseg,
+                                                     const T* B, T* C, const void* const* pf, int npf) {
+  using Z = Zmm<T>;
+  constexpr int L = Z::kLanes;
+  typename Z::V c0[MR], c1[MR];
+#pragma GCC unroll 12
+  for (int m = 0; m < MR; ++m) c0[m] = c1[m] = Z::zero();
+  for (int s = 0; s < nseg; ++s) {
+    const T* A = A0 + a_off[s];
+    for (int64_t k = a_k[s]; k > 0; --k, A += kMR512, B += 2 * L) {
+      if (npf > 0 && (k & 3) == 0) {
+        _mm_prefetch(static_cast<const char*>(*pf++), _MM_HINT_T0);
+        --npf;
+      }
+      const auto b0 = Z::load(B), b1 = Z::load(B + L);
+#pragma GCC unroll 12
+      for (int m = 0; m < MR; ++m) {
+        const auto a = Z::set1(A[m]);
+        c0[m] = Z::fma(a, b0, c0[m]);
+        c1[m] = Z::fma(a, b1, c1[m]);
+      }
+    }
+  }
+  for (; npf > 0; --npf) _mm_prefetch(static_cast<const char*>(*pf++), _MM_HINT_T0);
+#pragma GCC unroll 12
+  for (int m = 0; m < MR; ++m) {
+    Z::store(C + m * 2 * L, c0[m]);
+    Z::store(C + m * 2 * L + L, c1[m]);
+  }
+}
+
+// ------------------------------------------------------------------------------ AVX-512F gemv
+// Four rows at a time (four independent weight streams), 64 bytes of k per step, masked tails.
 template <typename T, int R>
 __attribute__((target("avx512f"))) void gemv_rows_avx512(const T* const* w, const T* const* x, const int64_t* len,
                                                          int nseg, int64_t ldw, T* out) {
@@ -420,18 +396,12 @@ struct Avx2F64 {
     micro_avx2_f64<MR>(A, o, k, n, B, C, pf, npf);
   }
 };
-struct Avx512F32 {
+template <typename T>
+struct Avx512 {
   template <int MR>
-  static void fn(const float* A, const int64_t* o, const int64_t* k, int n, const float* B, float* C,
-                 const void* const* pf, int npf) {
-    micro_avx512_f32<MR>(A, o, k, n, B, C, pf, npf);
-  }
-};
-struct Avx512F64 {
-  template <int MR>
-  static void fn(const double* A, const int64_t* o, const int64_t* k, int n, const double* B, double* C,
-                 const void* const* pf, int npf) {
-    micro_avx512_f64<MR>(A, o, k, n, B, C, pf, npf);
+  static void fn(const T* A, const int64_t* o, const int64_t* k, int n, const T* B, T* C, const void* const* pf,
+                 int npf) {
+    micro_avx512<T, MR>(A, o, k, n, B, C, pf, npf);
   }
 };
 
@@ -450,12 +420,8 @@ Kernels<float> make_avx2<float>() { return make_simd<float, Avx2F32, kMR256, kNR
 template <>
 Kernels<double> make_avx2<double>() { return make_simd<double, Avx2F64, kMR256, kNR256<double>>(Isa::kAvx2); }
 template <typename T>
-Kernels<T> make_avx512();
-template <>
-Kernels<float> make_avx512<float>() { return make_simd<float, Avx512F32, kMR512, kNR512<float>>(Isa::kAvx512); }
-template <>
-Kernels<double> make_avx512<double>() {
-  return make_simd<double, Avx512F64, kMR512, kNR512<double>>(Isa::kAvx512);
+Kernels<T> make_avx512() {
+  return make_simd<T, Avx512<T>, kMR512, kNR512<T>>(Isa::kAvx512);
 }
 #endif
 
