@@ -1,7 +1,7 @@
 """The ``cpu`` backend's micro-kernels on every instruction set this machine supports (AVX-512,
 AVX2, portable C++), each forced in turn: parity with the reference backend, bit-identical results
-across runs and thread counts, the two SIMD paths equal bit for bit (both chain fused multiply-adds
-in the same order), and the selection itself (capped at the CPU, named errors, EFCN_CPU_ISA)."""
+across runs and thread counts, the two SIMD tile paths equal bit for bit (both chain fused
+multiply-adds in the same order; the AVX-512 forward at batch <= 2 is a matrix-vector product), and the selection itself (capped at the CPU, named errors, EFCN_CPU_ISA)."""
 
 import os
 import subprocess

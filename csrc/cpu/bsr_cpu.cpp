@@ -10,6 +10,7 @@
 //   tiles (a buffer of its own size); a task packs its slice's blocks (transposed for the
 //   forward) concatenated along K, so an output tile is computed in registers over the whole
 //   block row (column) and written once. A per-thread panel holds at most kKMax x block side.
+// * forward at batch <= kGemvBatch (AVX-512): matrix-vector products straight from the blocks.
 // * grad_weight: x is repacked once per call into per-block-column panels, dy per block row
 //   into a per-thread panel; each block is then one [BR x B] @ [B x BC] product.
 // No buffer scales with stored blocks x batch. Large buffers (outputs, packed operands) come from
@@ -23,8 +24,8 @@
 // only on the layout), so results are bit-identical across runs and thread counts for a given
 // micro-kernel ISA (microkernel.h: AVX-512, AVX2 and portable C++, chosen at run time; the two
 // SIMD ones agree bit for bit). They are not bit-identical to the reference backend (another
-// summation order). Panels are packed for the active ISA's tile shape (Kernels<T>::mr, ::nr),
-// read once per op call.
+// summation order; nor is the matrix-vector forward to the tile one). Panels are packed for the
+// active ISA's tile shape (Kernels<T>::mr, ::nr), read once per op call.
 //
 // Checked before any access: dtypes, devices, dims, contiguity, index tensor lengths, pointer
 // arrays (start 0, end nnzb, monotone), every block row/column/permutation/mask id in range.

@@ -11,7 +11,8 @@
 //
 // Each C entry is one chain of multiply-adds in ascending k (segments in order), so the result
 // does not depend on how the caller splits work between threads, nor on the tile shape. The
-// AVX2 and AVX-512 kernels both use fused multiply-adds, so they give the same bits; the
+// AVX2 and AVX-512 tile kernels both use fused multiply-adds, so they give the same bits (the
+// AVX-512 matrix-vector forward for batch <= 2 sums in another order); the
 // portable kernel (no FMA contraction guaranteed) may differ in the last bits. Which ISA runs:
 // the best the CPU has (AVX-512F, AVX2+FMA, portable C++; always portable under
 // AddressSanitizer, which cannot see the intrinsics' loads), lowered by EFCN_CPU_ISA at first

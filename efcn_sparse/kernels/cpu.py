@@ -26,7 +26,7 @@ def isa(request: str = "") -> str:
     or ``"best"``) selects one, capped at what the CPU supports; ``""`` only asks. Returns the name
     of the one now active. The default is the best the CPU has, or the ``EFCN_CPU_ISA`` environment
     variable's choice. Results are bit-identical run to run for a given ISA (and equal between the
-    two SIMD ones, which both use fused multiply-adds)."""
+    two SIMD ones, which both chain fused multiply-adds, except the forward at batch <= 2)."""
     if not _extension.load():
         raise RuntimeError(f"the compiled extension is not available ({_extension.error()})")
     return torch.ops.efcn_sparse_C.cpu_isa(request)
