@@ -68,8 +68,9 @@ def _conv_counts(geo: ConvGeometry, halo: Halo, block_shape) -> dict:
         row_types = (1 if M % BR == 0 else 1 + (nbr > 1))
         col_types = (1 if N % BC == 0 else 1 + (nbc > 1))
         nnzb = nbr * nbc
+        patterns = row_types * col_types if row_types * col_types > 1 else None  # all blocks whole: no mask
         return dict(nnzb=nnzb, weights=M * N, block=(BR, BC),
-                    index_bytes=_index_bytes(nbr, nbc, nnzb, row_types * col_types, (BR, BC)))
+                    index_bytes=_index_bytes(nbr, nbc, nnzb, patterns, (BR, BC)))
     lay = build_layout(geo, halo, (BR, BC))  # few-channel layer: the layout is small
     return dict(nnzb=lay.nnzb, weights=lay.stored_entries(), block=(BR, BC),
                 index_bytes=sum(t.numel() * t.element_size() for t in lay.tensors().values() if t is not None))

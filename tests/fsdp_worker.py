@@ -23,12 +23,13 @@ from efcn_sparse import training as T  # noqa: E402
 
 
 def tiny_cnn(width=16):
-    """3 -> 16 -> 16 channels on 8x8: a few-channel layer (masked tiles) and an aligned one."""
+    """3 -> 16 -> 16 channels on 8x8: a few-channel layer (tight one-pixel tiles) and a grouped one
+    (masked entries inside its tiles)."""
     torch.manual_seed(0)
     # the in-place ReLU writes into the layer's output (a channels_last view, copied under shard(): FSDP2 warns
     # that an in-place op on a view output may drop its backward hook)
     return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(inplace=True),
-                         nn.Conv2d(width, width, 3, padding=1, stride=2),
+                         nn.Conv2d(width, width, 3, padding=1, stride=2, groups=2),
                          nn.ReLU(), nn.Flatten(), nn.Linear(width * 16, 5))
 
 
