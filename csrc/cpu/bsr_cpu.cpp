@@ -26,8 +26,9 @@
 // only on the layout), so results are bit-identical across runs and thread counts for a given
 // micro-kernel ISA (microkernel.h: AVX-512, AVX2 and portable C++, chosen at run time; the two
 // SIMD ones agree bit for bit, except narrow blocks whose slice K exceeds kKMax: the lines that
-// share a tile, hence the K group cuts, follow the tile width). They are not bit-identical to the reference backend (another
-// summation order; nor is the matrix-vector forward to the tile one). Panels are packed for the
+// share a tile, hence the K group cuts, follow the tile width). They are not bit-identical to
+// the reference backend (another summation order; nor is the matrix-vector forward to the tile
+// one). Panels are packed for the
 // active ISA's tile shape (Kernels<T>::mr, ::nr), read once per op call.
 //
 // Checked before any access: dtypes, devices, dims, contiguity, index tensor lengths, pointer
