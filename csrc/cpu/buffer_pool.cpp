@@ -27,7 +27,7 @@ size_t max_idle_bytes() {
 #else
   static const size_t bytes = [] {
     const char* env = std::getenv("EFCN_CPU_POOL_MIB");
-    if (!env || !*env) return size_t{512} << 20;
+    if (!env || !*env) return size_t{2048} << 20;
     char* end = nullptr;
     const long long mib = std::strtoll(env, &end, 10);
     TORCH_CHECK(end && *end == 0 && mib >= 0, "EFCN_CPU_POOL_MIB: expected a number of MiB >= 0, got '", env, "'");
