@@ -315,3 +315,20 @@ def test_recycled_large_buffers_are_fully_rewritten():
     for g, w, what in zip(got, want, ("forward", "grad_input", "grad_weight")):
         assert torch.isfinite(g).all(), f"{what}: stale entries from a recycled buffer"
         assert_close_rel(g, w, REL[torch.float32], what)
+
+
+def test_bad_pool_size_variable_is_a_clear_error():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom efcn_sparse import backends\n"
+            "try:\n"
+            "    backends.kernels('cpu').grad_weight(torch.randn(2, 2048), torch.randn(2, 4096), "
+            "torch.zeros(256, dtype=torch.int32), torch.arange(256, dtype=torch.int32) % 32, None, None, 64, 64)\n"
+            "except RuntimeError as e:\n"
+            "    print(str(e).splitlines()[0])\n")
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, EFCN_CPU_POOL_MIB="lots"),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "EFCN_CPU_POOL_MIB: expected a number of MiB >= 0, got 'lots'", r.stdout
