@@ -22,17 +22,18 @@ constexpr size_t kHuge = size_t{2} << 20;
 constexpr size_t kMinBytes = 2 * kHuge;  // smaller buffers: at::empty (malloc recycles those itself)
 
 size_t max_idle_bytes() {
-#ifdef EFCN_ASAN
-  return 0;
-#else
   static const size_t bytes = [] {
     const char* env = std::getenv("EFCN_CPU_POOL_MIB");
-    if (!env || !*env) return size_t{512} << 20;
+    if (!env || !*env) return size_t{2048} << 20;
     char* end = nullptr;
     const long long mib = std::strtoll(env, &end, 10);
     TORCH_CHECK(end && *end == 0 && mib >= 0, "EFCN_CPU_POOL_MIB: expected a number of MiB >= 0, got '", env, "'");
     return static_cast<size_t>(mib) << 20;
   }();
+#ifdef EFCN_ASAN
+  (void)bytes;  // checked all the same
+  return 0;
+#else
   return bytes;
 #endif
 }
@@ -136,6 +137,7 @@ at::Tensor pooled_empty(at::IntArrayRef sizes, at::ScalarType dtype) {
   for (int64_t s : sizes) numel *= s;
   if (static_cast<size_t>(numel) * c10::elementSize(dtype) < kMinBytes)
     return at::empty(sizes, at::TensorOptions().dtype(dtype));
+  max_idle_bytes();  // a bad EFCN_CPU_POOL_MIB fails here, never in a buffer's release
   static PoolAllocator allocator;
   return at::detail::empty_generic(sizes, &allocator, c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
                                    std::nullopt);

@@ -5,7 +5,7 @@
 // few percent of the other ops' (their outputs and packed operands). A training step requests
 // the same sizes every iteration, so buffers of at least 4 MiB come from a pool: 2 MiB aligned,
 // backed by transparent huge pages where available, and kept when released (at most
-// EFCN_CPU_POOL_MIB MiB idle in all, default 512, oldest dropped first; 0 keeps nothing) for the
+// EFCN_CPU_POOL_MIB MiB idle in all, default 2048, oldest dropped first; 0 keeps nothing) for the
 // next request of the same size, rounded up to 2 MiB. The tensors are ordinary resizable CPU
 // tensors. Sanitized builds keep nothing, so that AddressSanitizer sees every free.
 #pragma once
