@@ -32,6 +32,7 @@ SHAPES = [
     (97, 150, 64, 1, dict(full_col=True)),
     (70, 300, 3, 64, dict(mask=True)),
     (1100, 37, 1, 2, dict(full_col=True, mask=True)),
+    (200, 150, 12, 8, dict(mask=True)),  # narrow on 32-wide tiles only (grad_input also on 16-wide ones)
 ]
 
 

@@ -378,9 +378,15 @@ void slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, T* out, 
 // * forward (BR <= NR / 2) and grad_input (BC <= NR / 2): G = NR / side consecutive block rows
 //   (columns) side by side in one output panel, over the union of their blocks (neighbouring
 //   pixels share most of their receptive fields);
-// * grad_weight (BC < NR): the x columns of a block row's consecutive blocks gathered into
-//   dense panels.
+// * grad_weight (BC <= max(4, NR / 4), narrow_grad_weight): the x columns of a block row's
+//   consecutive blocks gathered into dense panels.
 // Each output entry is still one chain of multiply-adds in an order fixed by the layout.
+
+// Whether grad_weight gathers blocks of BC columns (grad_weight_narrow_kernel) for tiles NR
+// wide. Gathering costs a pass over x per run of blocks; it paid off (paired runs, 2026-12-01)
+// for few-channel blocks (BC <= 4) on every ISA and for BC = 8 on 32-wide tiles, not for BC = 8
+// on 16-wide tiles nor BC = 16 on 32-wide ones (there, half-empty tiles are faster).
+bool narrow_grad_weight(int64_t BC, int NR) { return BC <= std::max<int64_t>(4, NR / 4) && BC < NR; }
 
 // ap[t][b][m] = dy[b][i*BR + t*MR + m] (zero past the block row's in-range rows): block row
 // i of dy as cdiv(BR, MR) A panels of B rows each, MR the active tile height.
@@ -460,7 +466,7 @@ void narrow_slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, T
                 lines);
 }
 
-// grad_weight for BC < NR: a task is a run of consecutive stored blocks of one block row
+// grad_weight for narrow_grad_weight(BC, NR): a task is a run of consecutive stored blocks of one block row
 // (at most kRunCols gathered columns); their x columns are gathered into dense panels
 // xg[q][b][n] = x[b][column q*NR + n of the run], so each [BR x B] @ [B x NR] product fills
 // whole tiles, whose entries are then scattered to their blocks.
@@ -645,7 +651,8 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
                         int64_t BC) {
   const Kernels<T>& ks = active_kernels<T>();
   const int NR = ks.nr, MR = ks.mr;
-  if (BC < NR) return grad_weight_narrow_kernel(ks, dy, x, row, col, mask_ids, patterns, dw, nnzb, B, M, N, BR, BC);
+  if (narrow_grad_weight(BC, NR))
+    return grad_weight_narrow_kernel(ks, dy, x, row, col, mask_ids, patterns, dw, nnzb, B, M, N, BR, BC);
   const int64_t ntr = cdiv(BR, MR), nq = cdiv(BC, NR), blk = BR * BC, nbc = cdiv(N, BC);
   at::Tensor x_t = pooled_empty({nbc * nq * B * NR}, c10::CppTypeToScalarType<T>::value);
   T* xp = x_t.data_ptr<T>();
