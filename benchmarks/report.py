@@ -36,6 +36,9 @@ ANCHOR_DOC = {
 }
 CONV_OF = {"forward": ("conv", "conv_nchw"), "grad_input": ("conv",), "grad_weight": ("conv",),
            "fwd_bwd": ("conv", "conv_nchw")}
+# GEMMs per op: forward+backward (and a training step) is forward + grad_input + grad_weight
+GEMMS = {"forward": 1, "grad_input": 1, "grad_weight": 1, "fwd_bwd": 3, "train_step": 3}
+CONV_IMPLS = ("conv", "conv_nchw")  # anchors whose useful work is the conv's own taps
 
 
 def fmt_t(s: float) -> str:
@@ -99,6 +102,28 @@ class Run:
         return seen
 
     @staticmethod
+    def useful_flops(r) -> float:
+        """Useful FLOPs of a layer row: GEMMS[op] x 2 x batch x entries (the conv's own entries for the
+        conv anchors, the stored entries otherwise), recomputed from the row's counts so that every
+        derived column counts forward+backward as three GEMMs whatever the run recorded."""
+        if "batch" not in r or "stored" not in r or r.get("op") not in GEMMS:
+            return r.get("flops") or 0
+        entries = r.get("conv_entries", r["stored"]) if r.get("impl") in CONV_IMPLS else r["stored"]
+        return GEMMS[r["op"]] * 2 * r["batch"] * entries
+
+    def rate(self, flops, seconds):
+        """(GFLOP/s, fraction of the mm rate or None)."""
+        gf = flops / seconds / 1e9
+        return gf, (gf * 1e9 / self.mm_rate if self.mm_rate else None)
+
+    def paired(self, backend, layer, op):
+        """The paired record of ``backend``'s eFCN against the conv for (layer, op), or None."""
+        for p in self.records.get("paired", []):
+            if (p["backend"], p["layer"], p["op"], p["anchor"]) == (backend, layer, op, "conv"):
+                return p
+        return None
+
+    @staticmethod
     def find(rows, impl, op):
         for r in rows:
             if r.get("impl") == impl and r.get("op") == op:
@@ -113,8 +138,9 @@ class Run:
     def floor(self, r):
         """Time floor of a row: its useful FLOPs at the mm rate or its bytes at the copy bandwidth."""
         parts = []
-        if self.mm_rate and r.get("flops"):
-            parts.append(r["flops"] / self.mm_rate)
+        flops = self.useful_flops(r)
+        if self.mm_rate and flops:
+            parts.append(flops / self.mm_rate)
         if self.bw and r.get("bytes") and r.get("kind") == "efcn":
             parts.append(r["bytes"] / self.bw)
         return max(parts) if parts else None
@@ -197,7 +223,7 @@ def section_headline(run: Run) -> list:
     if not backends:
         return []
     out = ["## Headline (issue 6 criteria, CPU)", "",
-           "| backend | L2 fwd+bwd × conv (req. ≤ 2.0, goal ≤ 1.0) | L2 fwd+bwd useful GFLOP/s (% mm) "
+           "| backend | L2 fwd+bwd × conv (req. ≤ 2.0, goal ≤ 1.0) | L2 fwd+bwd useful GFLOP/s, 3 GEMMs (% mm) "
            "| L2-16px: dense fwd+bwd ÷ eFCN (req. ≥ 20) "
            "| L2-16px forward: torch BSR F.linear ÷ eFCN / torch.sparse.mm ÷ eFCN "
            "/ scipy ÷ eFCN (req. ≥ 20) |",
@@ -206,8 +232,9 @@ def section_headline(run: Run) -> list:
     for b in backends:
         e = run.find(L2, f"efcn[{b}]", "fwd_bwd")
         c = run.conv_time(L2, "fwd_bwd")
-        gf = e["flops"] / e["median"] / 1e9
-        pct = f" ({100 * gf * 1e9 / run.mm_rate:.0f}%)" if run.mm_rate else ""
+        pe = run.paired(b, "L2", "fwd_bwd")
+        gf, frac = run.rate(run.useful_flops(e), pe["efcn_median"] if pe else e["median"])
+        pct = (f" ({100 * frac:.0f}%)" if frac is not None else "") + (" paired" if pe else "")
         ef16 = run.find(L16, f"efcn[{b}]", "fwd_bwd")
         d16 = run.find(L16, "dense", "fwd_bwd")
         f16 = run.find(L16, f"efcn[{b}]", "forward")
@@ -216,18 +243,28 @@ def section_headline(run: Run) -> list:
         out.append(f"| {b} | {fmt_x(e['median'] / c) if c else '—'} | {gf:.1f}{pct} | "
                    f"{fmt_x(d16['median'] / ef16['median']) if d16 and ef16 else '—'} | {spd} |")
     out += ["", "Ratios here are anchor time ÷ eFCN time where the requirement is a speed-up (≥), and eFCN ÷ conv "
-            "where it is a bound (≤); each is a ratio of two medians from the per-layer tables below.", ""]
+            "where it is a bound (≤); each is a ratio of two medians from the per-layer tables below. The GFLOP/s "
+            "column uses the eFCN's median from the paired rounds below where they exist (marked `paired`), else "
+            "the per-layer median.", ""]
     paired = run.records.get("paired", [])
     if paired:
         out += ["Paired measurements of the same comparisons: the eFCN and the anchor timed in alternating rounds, "
                 "the ratio taken per pair (eFCN ÷ anchor, below 1: the eFCN is faster), median and range over the "
                 "pairs. These are the numbers to trust on a loaded machine.", "",
                 "| layer | op | backend | anchor | pairs | eFCN ÷ anchor (median) | range | anchor ÷ eFCN | "
-                "eFCN median | anchor median |", "|---|---|---|---|---|---|---|---|---|---|"]
+                "eFCN median | anchor median | eFCN GFLOP/s (% mm) | anchor GFLOP/s (% mm) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for p in paired:
+            rows = run.layer_rows(p["layer"])
+            cells = []
+            for impl, t in ((f"efcn[{p['backend']}]", p["efcn_median"]), (p["anchor"], p["anchor_median"])):
+                r = run.find(rows, impl, p["op"])
+                gf, frac = run.rate(run.useful_flops(r), t) if r else (None, None)
+                cells.append("—" if gf is None else f"{gf:.1f}" + (f" ({100 * frac:.0f}%)" if frac is not None else ""))
             out.append(f"| {p['layer']} | {p['op']} | {p['backend']} | {p['anchor']} | {p['pairs']} | "
                        f"{fmt_x(p['ratio_median'])} | {fmt_x(p['ratio_min'])}–{fmt_x(p['ratio_max'])} | "
-                       f"{fmt_x(1 / p['ratio_median'])} | {fmt_t(p['efcn_median'])} | {fmt_t(p['anchor_median'])} |")
+                       f"{fmt_x(1 / p['ratio_median'])} | {fmt_t(p['efcn_median'])} | {fmt_t(p['anchor_median'])} | "
+                       + " | ".join(cells) + " |")
         out.append("")
     return out
 
@@ -249,8 +286,8 @@ def section_layers(run: Run) -> list:
         for op in OPS:
             conv = run.conv_time(rows, op)
             for r in sorted((r for r in rows if r["op"] == op), key=lambda r: (r["kind"] != "efcn", r["impl"])):
-                gf = r["flops"] / r["median"] / 1e9
-                pct = f"{100 * gf * 1e9 / run.mm_rate:.0f}%" if run.mm_rate else "—"
+                gf, frac = run.rate(run.useful_flops(r), r["median"])
+                pct = f"{100 * frac:.0f}%" if frac is not None else "—"
                 gbs = f"{r['bytes'] / r['median'] / 1e9:.1f}" if r["kind"] == "efcn" else "—"
                 fl = run.floor(r)
                 name = f"**{r['impl']}**" if r["kind"] == "efcn" else r["impl"]

@@ -304,3 +304,39 @@ def test_nan_propagates_but_not_into_masked_entries():
     assert torch.isnan(y[0]).any() and torch.isfinite(y[1]).all()
     col0, mask = dw[lay.col_idx == 0][:, :, 5], lay.block_mask()[lay.col_idx == 0][:, :, 5]
     assert torch.isnan(col0[mask]).all() and (col0[~mask] == 0).all()
+
+
+def test_recycled_large_buffers_are_fully_rewritten():
+    """Outputs of 4 MiB and more come from a pool of buffers recycled between calls: a call whose
+    results are all NaN, freed, then a call on finite inputs must leave no stale NaN behind."""
+    lay = random_layout(4096, 512, 64, 64, density=0.8, mask=True)  # grad_weight: >= 1 Mi floats
+    v = random_values(lay, torch.float32)
+    B = 300  # forward / grad_input outputs: 300 x 4096 and 300 x 512 floats
+    nan_x, nan_dy = torch.full((B, 512), float("nan")), torch.full((B, 4096), float("nan"))
+    bias = torch.randn(4096)
+    stale = run_all(cpu_kernels(), lay, nan_x, nan_dy, v, bias)
+    assert torch.isnan(stale[0]).any() and torch.isnan(stale[2][lay.block_mask()]).all()  # (empty rows: bias)
+    del stale
+    x, dy = torch.randn(B, 512), torch.randn(B, 4096)
+    got = run_all(cpu_kernels(), lay, x, dy, v, bias)
+    want = run_all(R, lay, x, dy, v, bias)
+    for g, w, what in zip(got, want, ("forward", "grad_input", "grad_weight")):
+        assert torch.isfinite(g).all(), f"{what}: stale entries from a recycled buffer"
+        assert_close_rel(g, w, REL[torch.float32], what)
+
+
+def test_bad_pool_size_variable_is_a_clear_error():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom efcn_sparse import backends\n"
+            "try:\n"
+            "    backends.kernels('cpu').grad_weight(torch.randn(2, 2048), torch.randn(2, 4096), "
+            "torch.zeros(256, dtype=torch.int32), torch.arange(256, dtype=torch.int32) % 32, None, None, 64, 64)\n"
+            "except RuntimeError as e:\n"
+            "    print(str(e).splitlines()[0])\n")
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, EFCN_CPU_POOL_MIB="lots"),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "EFCN_CPU_POOL_MIB: expected a number of MiB >= 0, got 'lots'", r.stdout

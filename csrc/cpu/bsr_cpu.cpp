@@ -10,18 +10,26 @@
 //   tiles (a buffer of its own size); a task packs its slice's blocks (transposed for the
 //   forward) concatenated along K, so an output tile is computed in registers over the whole
 //   block row (column) and written once. A per-thread panel holds at most kKMax x block side.
+// * forward at batch <= kGemvBatch (AVX-512): matrix-vector products straight from the blocks.
 // * grad_weight: x is repacked once per call into per-block-column panels, dy per block row
 //   into a per-thread panel; each block is then one [BR x B] @ [B x BC] product.
-// No buffer scales with stored blocks x batch.
+// * blocks much narrower than the active tile's NR columns (few-channel layers stored tight)
+//   are grouped to fill the tiles (narrow_slice_gemm, grad_weight_narrow_kernel).
+// No buffer scales with stored blocks x batch. Large buffers (outputs, packed operands) come from
+// buffer_pool.h, which recycles them between calls instead of paying page faults each time.
 //
 // Edge blocks that stick out of (M, N) are handled by limiting K to the in-range part and
 // zero-padding the packed panels; out-of-range entries of x, dy, y, dx are never touched.
 //
 // Determinism: every output entry is computed by exactly one task, in an order fixed by the
 // layout alone (blocks in stored order, K ascending, K split into groups at points that depend
-// only on the layout), so results are bit-identical across runs and thread counts on a given
-// machine (the micro-kernel is chosen by CPU features: AVX2+FMA or portable C++). They are not
-// bit-identical to the reference backend (another summation order).
+// only on the layout), so results are bit-identical across runs and thread counts for a given
+// micro-kernel ISA (microkernel.h: AVX-512, AVX2 and portable C++, chosen at run time; the two
+// SIMD ones agree bit for bit, except narrow blocks whose slice K exceeds kKMax: the lines that
+// share a tile, hence the K group cuts, follow the tile width). They are not bit-identical to
+// the reference backend (another summation order; nor is the matrix-vector forward to the tile
+// one). Panels are packed for the
+// active ISA's tile shape (Kernels<T>::mr, ::nr), read once per op call.
 //
 // Checked before any access: dtypes, devices, dims, contiguity, index tensor lengths, pointer
 // arrays (start 0, end nnzb, monotone), every block row/column/permutation/mask id in range.
@@ -38,11 +46,13 @@
 
 #include <algorithm>
 #include <atomic>
-#include <sys/mman.h>
 #include <optional>
+#include <stdexcept>
+#include <string>
 #include <tuple>
 #include <vector>
 
+#include "buffer_pool.h"
 #include "microkernel.h"
 
 namespace efcn_cpu {
@@ -50,26 +60,9 @@ namespace {
 
 // Longest K (in elements) one packed panel holds. Longer rows/columns/batches are split at
 // fixed points into groups whose partial results are summed through the output.
-constexpr int64_t kKMax = 1024;
+constexpr int64_t kKMax = 256;
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// at::empty, with the kernel asked to back large buffers by transparent huge pages: first-touch
-// page faults on 4 KiB pages otherwise cost about as much as packing the buffer. Only advice:
-// nothing changes where THP is off or unsupported.
-at::Tensor empty_huge(at::IntArrayRef sizes, at::ScalarType dtype) {
-  at::Tensor t = at::empty(sizes, at::TensorOptions().dtype(dtype));
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const size_t bytes = t.nbytes();
-  if (bytes >= 2 * kHuge) {
-    const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-    const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = (p + bytes) & ~(kHuge - 1);
-    if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-  }
-#endif
-  return t;
-}
 
 // ------------------------------------------------------------------------------ checks
 bool is_float_type(at::ScalarType t) {
@@ -159,26 +152,46 @@ int64_t batch_chunks(int64_t slices, int64_t nbt) {
   return std::max<int64_t>(1, std::min(cdiv(want, std::max<int64_t>(slices, 1)), nbt));
 }
 
-// ------------------------------------------------------------------------------ shared pieces
-// dst[t][f][m] = src[t*kMR + m][f] for the rows of a [rows, F] row-major matrix, zero past the
-// last row: the streamed operand (x or dy) as batch tiles whose columns are contiguous panels.
+// kernels<T>() of the active ISA; a bad EFCN_CPU_ISA is reported like the other argument errors.
 template <typename T>
+const Kernels<T>& active_kernels() {
+  try {
+    return kernels<T>();
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, e.what(), " (from the environment variable EFCN_CPU_ISA)");
+  }
+}
+
+// ------------------------------------------------------------------------------ shared pieces
+// dst[t][f][m] = src[t*MR + m][f] for the rows of a [rows, F] row-major matrix, zero past the
+// last row: the streamed operand (x or dy) as batch tiles whose columns are contiguous panels.
+template <typename T, int MR>
 void pack_batch_tiles(const T* src, int64_t rows, int64_t F, T* dst) {
-  at::parallel_for(0, cdiv(rows, kMR), grain_for(F * kMR), [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, cdiv(rows, MR), grain_for(F * MR), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      T* d = dst + t * F * kMR;
-      const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - t * kMR));
-      if (mr == kMR) {
-        const T* s = src + t * kMR * F;
-        for (int64_t f = 0; f < F; ++f, d += kMR)
-          for (int m = 0; m < kMR; ++m) d[m] = s[m * F + f];
+      T* d = dst + t * F * MR;
+      const int mr = static_cast<int>(std::min<int64_t>(MR, rows - t * MR));
+      const T* s = src + t * MR * F;
+      if (mr == MR) {
+        for (int64_t f = 0; f < F; ++f, d += MR)
+          for (int m = 0; m < MR; ++m) d[m] = s[m * F + f];
       } else {
-        const T* s = src + t * kMR * F;
-        for (int64_t f = 0; f < F; ++f, d += kMR)
-          for (int m = 0; m < kMR; ++m) d[m] = m < mr ? s[m * F + f] : T(0);
+        for (int64_t f = 0; f < F; ++f, d += MR)
+          for (int m = 0; m < MR; ++m) d[m] = m < mr ? s[m * F + f] : T(0);
       }
     }
   });
+}
+
+// pack_batch_tiles for a tile height known at run time (the active ISA's mr).
+template <typename T>
+void pack_batch_tiles(const T* src, int64_t rows, int64_t F, T* dst, int mr) {
+  switch (mr) {
+    case 6: return pack_batch_tiles<T, 6>(src, rows, F, dst);
+    case 8: return pack_batch_tiles<T, 8>(src, rows, F, dst);
+    case 12: return pack_batch_tiles<T, 12>(src, rows, F, dst);
+    default: TORCH_CHECK(false, "pack_batch_tiles: no instance for tile height ", mr);
+  }
 }
 
 // A K-segment of a row (column) task: `k` consecutive columns of the streamed operand from
@@ -223,8 +236,7 @@ void for_each_group(int64_t p0, int64_t p1, Extent extent, Make make, std::vecto
 
 // out[m*ldc + n] (=|+=) tile[m][n] (+ bias[n]) for m < mr, n < nv.
 template <typename T>
-void store_tile(const T* tile, int mr, int64_t nv, T* out, int64_t ldc, bool accumulate, const T* bias) {
-  constexpr int NR = kNR<T>;
+void store_tile(const T* tile, int mr, int NR, int64_t nv, T* out, int64_t ldc, bool accumulate, const T* bias) {
   for (int m = 0; m < mr; ++m) {
     T* o = out + m * ldc;
     const T* t = tile + m * NR;
@@ -245,6 +257,16 @@ void fill_rows(T* out, int64_t ldc, int64_t b0, int64_t b1, int64_t nv, const T*
   }
 }
 
+// Asks for the cache line at p. An asm statement: GCC deletes __builtin_prefetch loops it deems
+// free of side effects (it did, silently, for the forward's). Never faults, whatever p.
+inline void prefetch_line(const void* p) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p, 0, 3);
+#endif
+}
+
 // Prefetches rows [0, rows) x columns [0, len) of a row-major block (leading dim ld) into the
 // caches, one block ahead of packing: the blocks are read from memory once per call, and
 // asking early hides the latency the hardware prefetcher leaves between blocks.
@@ -252,43 +274,57 @@ template <typename T>
 void prefetch_rows(const T* p, int64_t rows, int64_t ld, int64_t len) {
   constexpr int64_t kLine = 64 / sizeof(T);
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < len; c += kLine) __builtin_prefetch(p + r * ld + c, 0, 3);
+    for (int64_t c = 0; c < len; c += kLine) prefetch_line(p + r * ld + c);
 }
 
-template <typename T>
-void load_kernels(MicroKernel<T>* kern) {
-  for (int mr = 1; mr <= kMR; ++mr) kern[mr] = micro_kernel<T>(mr);
+// Appends to `out` part `part` of `nparts` of the cache lines of n blocks of `bytes` bytes each,
+// block b at block(b): the next slice's blocks (or dy rows), handed to the micro-kernels of the
+// current one, which prefetch them between multiply-adds (microkernel.h), so that their memory
+// latency overlaps computation instead of stalling the packing.
+template <typename BlockPtr>
+void lines_part(int64_t n, int64_t bytes, BlockPtr block, int64_t part, int64_t nparts, std::vector<const void*>& out) {
+  const int64_t per = cdiv(bytes, 64), total = n * per, l1 = total * (part + 1) / nparts;
+  int64_t l = total * part / nparts;
+  size_t o = out.size();
+  out.resize(o + (l1 - l));
+  while (l < l1) {
+    const int64_t b = l / per, end = std::min(l1, (b + 1) * per);
+    const char* base = reinterpret_cast<const char*>(block(b)) - b * per * 64;
+    for (; l < end; ++l) out[o++] = base + l * 64;
+  }
 }
 
 // Shared driver of forward and grad_input: out [B, ldc] gets, for each of n_groups output block
 // slices g (a block row of y, or a block column of dx), the product of the streamed operand
 // `a` [B, F] at the columns of the group's segments with the packed blocks. `blocks(g)` gives
 // (p0, p1, extent, make) for for_each_group; `pack_b(segs, K, nv, bpack)` packs the group's
-// blocks as [nq][K][NR], columns past nv zero.
-template <typename T, typename Blocks, typename PackB>
-void slice_gemm(const T* a, int64_t B, int64_t F, T* out, int64_t ldc, int64_t n_groups, int64_t side,
-                int64_t out_cols, const T* bias, int64_t work, Blocks blocks, PackB pack_b) {
-  constexpr int NR = kNR<T>;
-  const int64_t nq = cdiv(side, NR), nbt = cdiv(B, kMR);
-  at::Tensor ap_t = empty_huge({nbt * F * kMR}, c10::CppTypeToScalarType<T>::value);
+// blocks as [nq][K][NR], columns past nv zero; the tile shape is that of `ks`. `lines(g, part,
+// nparts, out)` appends a part of the cache lines of slice g's blocks (lines_part).
+template <typename T, typename Blocks, typename PackB, typename Lines>
+void slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, T* out, int64_t ldc, int64_t n_groups,
+                int64_t side, int64_t out_cols, const T* bias, int64_t work, Blocks blocks, PackB pack_b,
+                Lines lines) {
+  const int NR = ks.nr, MR = ks.mr;
+  const int64_t nq = cdiv(side, NR), nbt = cdiv(B, MR);
+  at::Tensor ap_t = pooled_empty({nbt * F * MR}, c10::CppTypeToScalarType<T>::value);
   T* ap = ap_t.data_ptr<T>();
-  pack_batch_tiles(a, B, F, ap);
+  pack_batch_tiles(a, B, F, ap, MR);
   const int64_t tiles_per_task = cdiv(nbt, batch_chunks(n_groups, nbt));
   const int64_t nch = cdiv(nbt, tiles_per_task);
-  MicroKernel<T> kern[kMR + 1];
-  load_kernels(kern);
   struct Scratch {
     std::vector<T> bpack;
     std::vector<int64_t> offs, ks;
     std::vector<Seg<T>> segs;
+    std::vector<const void*> pf;
   };
   // a group holds at most kKMax K entries (more than F where trusted index lists repeat a block)
-  auto init = [&] { return Scratch{std::vector<T>(nq * kKMax * NR), {}, {}, {}}; };
+  auto init = [&] { return Scratch{std::vector<T>(nq * kKMax * NR), {}, {}, {}, {}}; };
   parallel_dynamic(n_groups * nch, work, init, [&](Scratch& st, int64_t u0, int64_t u1) {
     std::vector<T>& bpack = st.bpack;
     std::vector<int64_t>& offs = st.offs;
-    std::vector<int64_t>& ks = st.ks;
-    alignas(64) T tile[kMR * NR];
+    std::vector<int64_t>& kk = st.ks;
+    std::vector<const void*>& pf = st.pf;
+    alignas(64) T tile[kMaxTileBytes / sizeof(T)];
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t g = u / nch, bt0 = (u % nch) * tiles_per_task, bt1 = std::min(nbt, bt0 + tiles_per_task);
       const int64_t nv = std::min(side, out_cols - g * side);  // in-range outputs of this slice
@@ -297,29 +333,35 @@ void slice_gemm(const T* a, int64_t B, int64_t F, T* out, int64_t ldc, int64_t n
       const auto range = blocks(g);
       const int64_t p0 = std::get<0>(range), p1 = std::get<1>(range);
       if (p0 == p1) {
-        fill_rows(o, ldc, bt0 * kMR, std::min(B, bt1 * kMR), nv, bias_g);
+        fill_rows(o, ldc, bt0 * MR, std::min(B, bt1 * MR), nv, bias_g);
         continue;
       }
+      // the next slice this thread computes, if known and another one: prefetched while this one runs
+      const int64_t g_next = u + 1 < u1 && (u + 1) / nch != g ? (u + 1) / nch : -1;
+      const int64_t nparts = (bt1 - bt0) * nq;
       auto group = [&](const std::vector<Seg<T>>& sg, int64_t K, bool first, bool last) {
         pack_b(sg, K, nv, bpack.data());
         // segments contiguous in the packed operand merge (same K order: narrow blocks of
         // neighbouring pixels otherwise give the micro-kernel a loop per block)
         offs.clear();
-        ks.clear();
+        kk.clear();
         for (const Seg<T>& s : sg) {
-          if (!ks.empty() && offs.back() + ks.back() * kMR == s.a_off * kMR) {
-            ks.back() += s.k;
+          if (!kk.empty() && offs.back() + kk.back() * MR == s.a_off * MR) {
+            kk.back() += s.k;
           } else {
-            offs.push_back(s.a_off * kMR);
-            ks.push_back(s.k);
+            offs.push_back(s.a_off * MR);
+            kk.push_back(s.k);
           }
         }
-        for (int64_t bt = bt0; bt < bt1; ++bt) {
-          const int mr = static_cast<int>(std::min<int64_t>(kMR, B - bt * kMR));
-          for (int64_t q = 0; q < nq; ++q) {
-            kern[mr](ap + bt * F * kMR, offs.data(), ks.data(), static_cast<int>(offs.size()), bpack.data() + q * K * NR,
-                     tile);
-            store_tile(tile, mr, std::min<int64_t>(NR, nv - q * NR), o + bt * kMR * ldc + q * NR, ldc, !first,
+        // q outer: one B panel (K x NR, at most kKMax x NR) stays in L1 across the batch tiles
+        for (int64_t q = 0; q < nq; ++q) {
+          for (int64_t bt = bt0; bt < bt1; ++bt) {
+            const int mr = static_cast<int>(std::min<int64_t>(MR, B - bt * MR));
+            pf.clear();
+            if (first && g_next >= 0) lines(g_next, (bt - bt0) * nq + q, nparts, pf);
+            ks.tile[mr](ap + bt * F * MR, offs.data(), kk.data(), static_cast<int>(offs.size()),
+                        bpack.data() + q * K * NR, tile, pf.data(), static_cast<int>(pf.size()));
+            store_tile(tile, mr, NR, std::min<int64_t>(NR, nv - q * NR), o + bt * MR * ldc + q * NR, ldc, !first,
                        (last && bias_g) ? bias_g + q * NR : nullptr);
           }
         }
@@ -336,23 +378,29 @@ void slice_gemm(const T* a, int64_t B, int64_t F, T* out, int64_t ldc, int64_t n
 // * forward (BR <= NR / 2) and grad_input (BC <= NR / 2): G = NR / side consecutive block rows
 //   (columns) side by side in one output panel, over the union of their blocks (neighbouring
 //   pixels share most of their receptive fields);
-// * grad_weight (BC < NR): the x columns of a block row's consecutive blocks gathered into
-//   dense panels.
+// * grad_weight (BC <= max(4, NR / 4), narrow_grad_weight): the x columns of a block row's
+//   consecutive blocks gathered into dense panels.
 // Each output entry is still one chain of multiply-adds in an order fixed by the layout.
 
-// ap[t][b][m] = dy[b][i*BR + t*kMR + m] (zero past the block row's in-range rows): block row
-// i of dy as cdiv(BR, kMR) A panels of B rows each.
+// Whether grad_weight gathers blocks of BC columns (grad_weight_narrow_kernel) for tiles NR
+// wide. Gathering costs a pass over x per run of blocks; it paid off (paired runs, 2026-12-01)
+// for few-channel blocks (BC <= 4) on every ISA and for BC = 8 on 32-wide tiles, not for BC = 8
+// on 16-wide tiles nor BC = 16 on 32-wide ones (there, half-empty tiles are faster).
+bool narrow_grad_weight(int64_t BC, int NR) { return BC <= std::max<int64_t>(4, NR / 4) && BC < NR; }
+
+// ap[t][b][m] = dy[b][i*BR + t*MR + m] (zero past the block row's in-range rows): block row
+// i of dy as cdiv(BR, MR) A panels of B rows each, MR the active tile height.
 template <typename T>
-void pack_dy_row(const T* dy, int64_t B, int64_t M, int64_t i, int64_t BR, T* ap) {
-  const int64_t ntr = cdiv(BR, kMR), rows = std::min(BR, M - i * BR), full = rows / kMR;
+void pack_dy_row(const T* dy, int64_t B, int64_t M, int64_t i, int64_t BR, int MR, T* ap) {
+  const int64_t ntr = cdiv(BR, MR), rows = std::min(BR, M - i * BR), full = rows / MR;
   for (int64_t b = 0; b < B; ++b) {
     const T* src = dy + b * M + i * BR;
-    T* dst = ap + b * kMR;
+    T* dst = ap + b * MR;
     int64_t t = 0;
     for (; t < full; ++t)
-      for (int m = 0; m < kMR; ++m) dst[t * B * kMR + m] = src[t * kMR + m];
+      for (int m = 0; m < MR; ++m) dst[t * B * MR + m] = src[t * MR + m];
     for (; t < ntr; ++t)
-      for (int m = 0; m < kMR; ++m) dst[t * B * kMR + m] = t * kMR + m < rows ? src[t * kMR + m] : T(0);
+      for (int m = 0; m < MR; ++m) dst[t * B * MR + m] = t * MR + m < rows ? src[t * MR + m] : T(0);
   }
 }
 
@@ -364,10 +412,10 @@ void pack_dy_row(const T* dy, int64_t B, int64_t M, int64_t i, int64_t BR, T* ap
 // position (in ptr/idx order) of line d's block there, or -1. Block position p holds values
 // w[perm[p]] (perm null: p); its element (k, n) sits at k*sk + n*sn.
 template <typename T>
-void narrow_slice_gemm(const T* a, int64_t B, int64_t F, T* out, int64_t out_cols, const T* bias, const int32_t* ptr,
-                       const int32_t* idx, const int32_t* perm, const T* w, int64_t S, int64_t KS, int64_t sk,
-                       int64_t sn) {
-  constexpr int NR = kNR<T>;
+void narrow_slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, T* out, int64_t out_cols,
+                       const T* bias, const int32_t* ptr, const int32_t* idx, const int32_t* perm, const T* w,
+                       int64_t S, int64_t KS, int64_t sk, int64_t sn) {
+  const int NR = ks.nr;
   const int64_t G = NR / S, n_lines = cdiv(out_cols, S), ng = cdiv(n_lines, G), blk = S * KS;
   std::vector<int64_t> uptr(ng + 1, 0), ukey, pos(G), end(G);
   std::vector<int32_t> ublk;
@@ -408,41 +456,46 @@ void narrow_slice_gemm(const T* a, int64_t B, int64_t F, T* out, int64_t out_col
       bp += s.k * NR;
     }
   };
-  slice_gemm<T>(a, B, F, out, out_cols, ng, G * S, out_cols, bias, B * ptr[n_lines] * blk, blocks, pack_b);
+  // the next slice's blocks: those of its G lines, contiguous in ptr/idx order
+  auto lines = [&](int64_t g, int64_t part, int64_t nparts, std::vector<const void*>& out_lines) {
+    const int64_t q0 = ptr[g * G], q1 = ptr[std::min(n_lines, (g + 1) * G)];
+    lines_part(q1 - q0, blk * int64_t{sizeof(T)}, [&](int64_t b) { return w + (perm ? perm[q0 + b] : q0 + b) * blk; },
+               part, nparts, out_lines);
+  };
+  slice_gemm<T>(ks, a, B, F, out, out_cols, ng, G * S, out_cols, bias, B * ptr[n_lines] * blk, blocks, pack_b,
+                lines);
 }
 
-// grad_weight for BC < NR: a task is a run of consecutive stored blocks of one block row
+// grad_weight for narrow_grad_weight(BC, NR): a task is a run of consecutive stored blocks of one block row
 // (at most kRunCols gathered columns); their x columns are gathered into dense panels
 // xg[q][b][n] = x[b][column q*NR + n of the run], so each [BR x B] @ [B x NR] product fills
 // whole tiles, whose entries are then scattered to their blocks.
 template <typename T>
-void grad_weight_narrow_kernel(const T* dy, const T* x, const int32_t* row, const int32_t* col,
+void grad_weight_narrow_kernel(const Kernels<T>& ks, const T* dy, const T* x, const int32_t* row, const int32_t* col,
                                const int32_t* mask_ids, const bool* patterns, T* dw, int64_t nnzb, int64_t B,
                                int64_t M, int64_t N, int64_t BR, int64_t BC) {
-  constexpr int NR = kNR<T>;
-  constexpr int64_t kRunCols = 8 * NR;
+  const int NR = ks.nr, MR = ks.mr;
+  const int64_t kRunCols = 8 * NR;
   if (nnzb == 0) return;
-  const int64_t ntr = cdiv(BR, kMR), blk = BR * BC, per_run = std::max<int64_t>(1, kRunCols / BC);
+  const int64_t ntr = cdiv(BR, MR), blk = BR * BC, per_run = std::max<int64_t>(1, kRunCols / BC);
   std::vector<int64_t> runs{0};  // task r: blocks [runs[r], runs[r+1])
   for (int64_t p = 1; p <= nnzb; ++p)
     if (p == nnzb || row[p] != row[runs.back()] || p - runs.back() == per_run) runs.push_back(p);
-  MicroKernel<T> kern[kMR + 1];
-  load_kernels(kern);
   const int64_t zero = 0, max_cols = cdiv(per_run * BC, NR) * NR;
   struct Scratch {
     std::vector<T> apack, xg;
     std::vector<int64_t> src;  // x column of each gathered column, -1: zero
     int64_t row;               // block row held in apack, -1: none
   };
-  auto init = [&] { return Scratch{std::vector<T>(ntr * B * kMR), std::vector<T>(max_cols * B),
+  auto init = [&] { return Scratch{std::vector<T>(ntr * B * MR), std::vector<T>(max_cols * B),
                                    std::vector<int64_t>(max_cols), -1}; };
   parallel_dynamic(static_cast<int64_t>(runs.size()) - 1, nnzb * B * blk, init,
                    [&](Scratch& st, int64_t r0, int64_t r1) {
-    alignas(64) T tile[kMR * NR];
+    alignas(64) T tile[kMaxTileBytes / sizeof(T)];
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t p0 = runs[r], p1 = runs[r + 1], i = row[p0], L = (p1 - p0) * BC, nqr = cdiv(L, NR);
       if (i != st.row) {
-        pack_dy_row(dy, B, M, i, BR, st.apack.data());
+        pack_dy_row(dy, B, M, i, BR, MR, st.apack.data());
         st.row = i;
       }
       for (int64_t c = 0; c < nqr * NR; ++c) {
@@ -458,11 +511,12 @@ void grad_weight_narrow_kernel(const T* dy, const T* x, const int32_t* row, cons
         }
       }
       for (int64_t t = 0; t < ntr; ++t) {
-        const int mr = static_cast<int>(std::min<int64_t>(kMR, BR - t * kMR));
+        const int mr = static_cast<int>(std::min<int64_t>(MR, BR - t * MR));
         for (int64_t q = 0; q < nqr; ++q) {
-          kern[mr](st.apack.data() + t * B * kMR, &zero, &B, 1, st.xg.data() + q * B * NR, tile);
+          // no prefetch list: the gathered panels were just written and sit in cache
+          ks.tile[mr](st.apack.data() + t * B * MR, &zero, &B, 1, st.xg.data() + q * B * NR, tile, nullptr, 0);
           for (int64_t n = 0, nv = std::min<int64_t>(NR, L - q * NR); n < nv; ++n) {
-            const int64_t c = q * NR + n, p = p0 + c / BC, off = (t * kMR) * BC + c % BC;
+            const int64_t c = q * NR + n, p = p0 + c / BC, off = (t * MR) * BC + c % BC;
             const bool* mk = patterns ? patterns + mask_ids[p] * blk + off : nullptr;
             T* out = dw + p * blk + off;
             for (int m = 0; m < mr; ++m)
@@ -475,35 +529,85 @@ void grad_weight_narrow_kernel(const T* dy, const T* x, const int32_t* row, cons
 }
 
 // ------------------------------------------------------------------------------ forward
+// Batches up to this size run the forward as matrix-vector products where the ISA has them
+// (Kernels::gemv): memory-bound, the weights are read once and not transposed into panels.
+constexpr int64_t kGemvBatch = 2;
+
+template <typename T>
+void forward_gemv(const Kernels<T>& ks, const T* x, const T* w, const T* bias, const int32_t* crow, const int32_t* col,
+                  T* y, int64_t B, int64_t N, int64_t M, int64_t BR, int64_t BC) {
+  const int64_t nbr = cdiv(M, BR);
+  struct Scratch {
+    std::vector<const T*> ws, xs;
+    std::vector<int64_t> len;
+    std::vector<T> out;
+  };
+  auto init = [&] { return Scratch{{}, {}, {}, std::vector<T>(BR)}; };
+  parallel_dynamic(nbr, B * crow[nbr] * BR * BC, init, [&](Scratch& st, int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t rows = std::min(BR, M - i * BR), p0 = crow[i], p1 = crow[i + 1];
+      st.ws.resize(p1 - p0);
+      st.xs.resize(p1 - p0);
+      st.len.resize(p1 - p0);
+      for (int64_t p = p0; p < p1; ++p) {
+        st.ws[p - p0] = w + p * BR * BC;
+        st.len[p - p0] = std::min(BC, N - col[p] * BC);
+      }
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t p = p0; p < p1; ++p) st.xs[p - p0] = x + b * N + col[p] * BC;
+        T* o = y + b * M + i * BR;
+        if (p1 > p0) {
+          ks.gemv(st.ws.data(), st.xs.data(), st.len.data(), static_cast<int>(p1 - p0), rows, BC, st.out.data());
+          for (int64_t r = 0; r < rows; ++r) o[r] = bias ? st.out[r] + bias[i * BR + r] : st.out[r];
+        } else {
+          for (int64_t r = 0; r < rows; ++r) o[r] = bias ? bias[i * BR + r] : T(0);
+        }
+      }
+    }
+  });
+}
+
 template <typename T>
 void forward_kernel(const T* x, const T* w, const T* bias, const int32_t* crow, const int32_t* col, T* y,
                     int64_t B, int64_t N, int64_t M, int64_t BR, int64_t BC) {
-  constexpr int NR = kNR<T>;
-  if (2 * BR <= NR) return narrow_slice_gemm<T>(x, B, N, y, M, bias, crow, col, nullptr, w, BR, BC, 1, BC);
+  const Kernels<T>& ks = active_kernels<T>();
+  // gemv first, narrow blocks included: at batch <= 2 the forward is bound by reading the
+  // weights, which gemv does once in place; the narrow path would copy them all into panels
+  // to fill tile columns whose rows (the batch) are mostly empty anyway.
+  if (B <= kGemvBatch && ks.gemv) return forward_gemv(ks, x, w, bias, crow, col, y, B, N, M, BR, BC);
+  const int NR = ks.nr;
+  if (2 * BR <= NR) return narrow_slice_gemm<T>(ks, x, B, N, y, M, bias, crow, col, nullptr, w, BR, BC, 1, BC);
   const int64_t nq = cdiv(BR, NR);
   auto extent = [=](int64_t p) { return std::min(BC, N - col[p] * BC); };
   auto make = [=](int64_t p, int64_t k0, int64_t k) { return Seg<T>{col[p] * BC + k0, w + p * BR * BC + k0, k}; };
   auto blocks = [=](int64_t i) { return std::make_tuple(int64_t{crow[i]}, int64_t{crow[i + 1]}, extent, make); };
   // B[q][k][n] = W[q*NR + n][k]: the group's blocks transposed, rows past nv zero.
-  auto pack_b = [=](const std::vector<Seg<T>>& sg, int64_t K, int64_t nv, T* bp) {
+  auto pack_b = [=, &ks](const std::vector<Seg<T>>& sg, int64_t K, int64_t nv, T* bp) {
     int64_t koff = 0;
     for (size_t s = 0; s < sg.size(); ++s) {
       if (s + 1 < sg.size()) prefetch_rows(sg[s + 1].w, nv, BC, sg[s + 1].k);
       for (int64_t q = 0; q < nq; ++q)
-        pack_transposed(sg[s].w + q * NR * BC, BC, std::min<int64_t>(NR, nv - q * NR), sg[s].k,
+        ks.pack_transposed(sg[s].w + q * NR * BC, BC, std::min<int64_t>(NR, nv - q * NR), sg[s].k,
                         bp + (q * K + koff) * NR);
       koff += sg[s].k;
     }
   };
-  slice_gemm<T>(x, B, N, y, M, cdiv(M, BR), BR, M, bias, B * crow[cdiv(M, BR)] * BR * BC, blocks, pack_b);
+  auto lines = [=](int64_t i, int64_t part, int64_t nparts, std::vector<const void*>& out) {  // contiguous
+    const T* first = w + int64_t{crow[i]} * BR * BC;
+    lines_part(1, (int64_t{crow[i + 1]} - crow[i]) * BR * BC * int64_t{sizeof(T)}, [=](int64_t) { return first; },
+               part, nparts, out);
+  };
+  slice_gemm<T>(ks, x, B, N, y, M, cdiv(M, BR), BR, M, bias, B * crow[cdiv(M, BR)] * BR * BC, blocks, pack_b,
+                lines);
 }
 
 // ------------------------------------------------------------------------------ grad_input
 template <typename T>
 void grad_input_kernel(const T* dy, const T* w, const int32_t* ccol, const int32_t* t_row, const int32_t* t_perm,
                        T* dx, int64_t B, int64_t M, int64_t N, int64_t BR, int64_t BC) {
-  constexpr int NR = kNR<T>;
-  if (2 * BC <= NR) return narrow_slice_gemm<T>(dy, B, M, dx, N, nullptr, ccol, t_row, t_perm, w, BC, BR, BC, 1);
+  const Kernels<T>& ks = active_kernels<T>();
+  const int NR = ks.nr;
+  if (2 * BC <= NR) return narrow_slice_gemm<T>(ks, dy, B, M, dx, N, nullptr, ccol, t_row, t_perm, w, BC, BR, BC, 1);
   const int64_t nq = cdiv(BC, NR);
   auto extent = [=](int64_t k) { return std::min(BR, M - t_row[k] * BR); };
   auto make = [=](int64_t k, int64_t r0, int64_t len) {
@@ -528,22 +632,29 @@ void grad_input_kernel(const T* dy, const T* w, const int32_t* ccol, const int32
       koff += sg[s].k;
     }
   };
-  slice_gemm<T>(dy, B, M, dx, N, cdiv(N, BC), BC, N, nullptr, B * ccol[cdiv(N, BC)] * BR * BC, blocks, pack_b);
+  auto lines = [=](int64_t j, int64_t part, int64_t nparts, std::vector<const void*>& out) {
+    lines_part(ccol[j + 1] - ccol[j], BR * BC * int64_t{sizeof(T)},
+               [=](int64_t b) { return w + t_perm[ccol[j] + b] * BR * BC; }, part, nparts, out);
+  };
+  slice_gemm<T>(ks, dy, B, M, dx, N, cdiv(N, BC), BC, N, nullptr, B * ccol[cdiv(N, BC)] * BR * BC, blocks, pack_b,
+                lines);
 }
 
 // ------------------------------------------------------------------------------ grad_weight
 // x is packed once into per-block-column panels X[j][q][b][n] = x[b][j*BC + q*NR + n] (each is
 // read by every block of its column), dy per block row into a thread's A[t][b][m] =
-// dy[b][i*BR + t*kMR + m] (zero out of range); then each stored block is a [BR x B] @ [B x BC]
+// dy[b][i*BR + t*MR + m] (zero out of range); then each stored block is a [BR x B] @ [B x BC]
 // product over those panels. dW is written with streaming stores: it is not read back here.
 template <typename T>
 void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32_t* col, const int32_t* mask_ids,
                         const bool* patterns, T* dw, int64_t nnzb, int64_t B, int64_t M, int64_t N, int64_t BR,
                         int64_t BC) {
-  constexpr int NR = kNR<T>;
-  if (BC < NR) return grad_weight_narrow_kernel(dy, x, row, col, mask_ids, patterns, dw, nnzb, B, M, N, BR, BC);
-  const int64_t ntr = cdiv(BR, kMR), nq = cdiv(BC, NR), blk = BR * BC, nbc = cdiv(N, BC);
-  at::Tensor x_t = empty_huge({nbc * nq * B * NR}, c10::CppTypeToScalarType<T>::value);
+  const Kernels<T>& ks = active_kernels<T>();
+  const int NR = ks.nr, MR = ks.mr;
+  if (narrow_grad_weight(BC, NR))
+    return grad_weight_narrow_kernel(ks, dy, x, row, col, mask_ids, patterns, dw, nnzb, B, M, N, BR, BC);
+  const int64_t ntr = cdiv(BR, MR), nq = cdiv(BC, NR), blk = BR * BC, nbc = cdiv(N, BC);
+  at::Tensor x_t = pooled_empty({nbc * nq * B * NR}, c10::CppTypeToScalarType<T>::value);
   T* xp = x_t.data_ptr<T>();
   constexpr int64_t kRows = 16;  // batch rows at a time: kRows sequential read streams, whole-line writes
   at::parallel_for(0, cdiv(B, kRows), grain_for(kRows * N), [&](int64_t c0, int64_t c1) {
@@ -564,38 +675,50 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
       }
     }
   });
-  MicroKernel<T> kern[kMR + 1];
-  load_kernels(kern);
   const int64_t zero = 0;
   struct Scratch {
     std::vector<T> apack;
     int64_t row;  // block row held in apack, -1: none
+    std::vector<const void*> pf;
   };
-  auto init = [&] { return Scratch{std::vector<T>(ntr * B * kMR), -1}; };
+  auto init = [&] { return Scratch{std::vector<T>(ntr * B * MR), -1, {}}; };
   parallel_dynamic(nnzb, nnzb * B * blk, init, [&](Scratch& st, int64_t p0, int64_t p1) {
-    alignas(64) T tile[kMR * NR];
+    alignas(64) T tile[kMaxTileBytes / sizeof(T)];
     T* ap = st.apack.data();
+    // dy of the next block row of this range, prefetched over the current row's products: its
+    // B rows are M apart, a gather whose memory latency would otherwise stall the packing
+    int64_t pf_row = -1, pf_part = 0, pf_parts = 1;
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t i = row[p], j = col[p];
       if (i != st.row) {
-        pack_dy_row(dy, B, M, i, BR, ap);
+        pack_dy_row(dy, B, M, i, BR, MR, ap);
         st.row = i;
+        int64_t next = p + 1;
+        while (next < p1 && row[next] == i) ++next;
+        pf_row = next < p1 ? row[next] : -1;
+        pf_part = 0;
+        pf_parts = (next - p) * ntr * nq;
       }
       const bool* mask = patterns ? patterns + mask_ids[p] * blk : nullptr;
       T* out = dw + p * blk;
       for (int64_t t = 0; t < ntr; ++t) {
-        const int mr = static_cast<int>(std::min<int64_t>(kMR, BR - t * kMR));
+        const int mr = static_cast<int>(std::min<int64_t>(MR, BR - t * MR));
         for (int64_t q = 0; q < nq; ++q) {
-          kern[mr](ap + t * B * kMR, &zero, &B, 1, xp + (j * nq + q) * B * NR, tile);
+          st.pf.clear();
+          if (pf_row >= 0)
+            lines_part(B, std::min(BR, M - pf_row * BR) * int64_t{sizeof(T)},
+                       [=](int64_t b) { return dy + b * M + pf_row * BR; }, pf_part++, pf_parts, st.pf);
+          ks.tile[mr](ap + t * B * MR, &zero, &B, 1, xp + (j * nq + q) * B * NR, tile, st.pf.data(),
+                      static_cast<int>(st.pf.size()));
           const int64_t nv = std::min<int64_t>(NR, BC - q * NR);
           if (mask) {
             for (int m = 0; m < mr; ++m) {
-              const bool* mk = mask + (t * kMR + m) * BC + q * NR;
+              const bool* mk = mask + (t * MR + m) * BC + q * NR;
               for (int64_t n = 0; n < nv; ++n)
                 if (!mk[n]) tile[m * NR + n] = T(0);  // exactly 0, even for NaN inputs
             }
           }
-          store_rows(tile, mr, nv, out + t * kMR * BC + q * NR, BC);
+          ks.store_rows(tile, mr, nv, out + t * MR * BC + q * NR, BC);
         }
       }
     }
@@ -629,7 +752,7 @@ at::Tensor bsr_forward_cpu(const at::Tensor& x, const at::Tensor& values, const 
     return bsr_forward_cpu(x.to(at::kFloat), values.to(at::kFloat), bias_f, crow_ptr, col_idx, row_idx, M)
         .to(values.scalar_type());
   }
-  at::Tensor y = empty_huge({B, M}, x.scalar_type());
+  at::Tensor y = pooled_empty({B, M}, x.scalar_type());
   if (B == 0 || M == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "bsr_forward_cpu", [&] {
     forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), values.data_ptr<scalar_t>(),
@@ -654,7 +777,7 @@ at::Tensor bsr_grad_input_cpu(const at::Tensor& dy, const at::Tensor& values, co
   if (is_half(values.scalar_type()))
     return bsr_grad_input_cpu(dy.to(at::kFloat), values.to(at::kFloat), ccol_ptr, t_row_idx, t_perm, N)
         .to(values.scalar_type());
-  at::Tensor dx = empty_huge({B, N}, dy.scalar_type());
+  at::Tensor dx = pooled_empty({B, N}, dy.scalar_type());
   if (B == 0 || N == 0) return dx;
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "bsr_grad_input_cpu", [&] {
     grad_input_kernel<scalar_t>(dy.data_ptr<scalar_t>(), values.data_ptr<scalar_t>(), ccol_ptr.data_ptr<int32_t>(),
@@ -692,7 +815,7 @@ at::Tensor bsr_grad_weight_cpu(const at::Tensor& dy, const at::Tensor& x, const 
     return bsr_grad_weight_cpu(dy.to(at::kFloat), x.to(at::kFloat), row_idx, col_idx, mask_ids, mask_patterns, BR, BC)
         .to(dy.scalar_type());
   if (B == 0) return at::zeros({nnzb, BR, BC}, dy.options());
-  at::Tensor dw = empty_huge({nnzb, BR, BC}, dy.scalar_type());
+  at::Tensor dw = pooled_empty({nnzb, BR, BC}, dy.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "bsr_grad_weight_cpu", [&] {
     grad_weight_kernel<scalar_t>(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), row_idx.data_ptr<int32_t>(),
                                  col_idx.data_ptr<int32_t>(),
@@ -703,8 +826,24 @@ at::Tensor bsr_grad_weight_cpu(const at::Tensor& dy, const at::Tensor& x, const 
   return dw;
 }
 
+// The ISA of the micro-kernels for this process: `request` "avx512" | "avx2" | "generic" selects
+// that one, capped at what the CPU has; "best" the best it has; "" changes nothing. Returns the
+// name of the ISA now active.
+std::string cpu_isa(const std::string& request) {
+  Isa isa;
+  try {
+    isa = request.empty() ? active_isa() : request == "best" ? set_isa(best_isa()) : set_isa(parse_isa(request.c_str()));
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, e.what(), " (or 'best', or '' to query)");
+  }
+  return isa_name(isa);
+}
+
 }  // namespace
 }  // namespace efcn_cpu
+
+// Not a tensor op: no dispatch key, one kernel for every device.
+TORCH_LIBRARY_FRAGMENT(efcn_sparse_C, m) { m.def("cpu_isa(str request) -> str", &efcn_cpu::cpu_isa); }
 
 TORCH_LIBRARY_IMPL(efcn_sparse_C, CPU, m) {
   m.impl("bsr_forward", &efcn_cpu::bsr_forward_cpu);

@@ -1,35 +1,46 @@
-// Micro-kernels declared in microkernel.h: an AVX2+FMA version chosen at run time on x86 CPUs
-// that have it (the file itself is compiled for the baseline ISA), and a portable C++ version.
+// Micro-kernels declared in microkernel.h: AVX-512F and AVX2+FMA versions chosen at run time on
+// x86 CPUs that have them (the file itself is compiled for the baseline ISA; each SIMD function
+// carries its own target attribute), and a portable C++ version.
 #include "microkernel.h"
 
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
 
-// AddressSanitizer does not see loads made by intrinsics, so sanitized builds use the portable
-// kernels, whose accesses are exactly those of the AVX2 ones (same panels, same extents).
-#if defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define EFCN_ASAN 1
-#endif
-#endif
-#if defined(__SANITIZE_ADDRESS__)
-#define EFCN_ASAN 1
-#endif
-
+// AddressSanitizer does not see loads made by intrinsics, so sanitized builds (EFCN_ASAN, see
+// microkernel.h) use the portable kernels only, whose accesses are exactly those of the SIMD ones
+// (same panels, same extents).
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(EFCN_ASAN)
-#define EFCN_HAVE_AVX2_PATH 1
+#define EFCN_HAVE_SIMD_PATHS 1
 #include <immintrin.h>
 #endif
 
 namespace efcn_cpu {
 namespace {
 
-template <typename T, int MR>
-void micro_generic(const T* A0, const int64_t* a_off, const int64_t* a_k, int nseg, const T* B, T* C) {
-  constexpr int NR = kNR<T>;
+// ------------------------------------------------------------------------------ tile shapes
+// Portable and AVX2: 6 x (two 256-bit registers); AVX-512: 12 x (two 512-bit registers), 24 of
+// the 32 zmm registers accumulating, 2 holding the B row, the A entries broadcast from memory.
+template <typename T>
+constexpr int kNR256 = 64 / static_cast<int>(sizeof(T));
+template <typename T>
+constexpr int kNR512 = 128 / static_cast<int>(sizeof(T));
+constexpr int kMR256 = 6, kMR512 = 8;
+static_assert(kMR512 <= kMaxMR && kMR512 * 128 <= kMaxTileBytes, "tile bounds in microkernel.h");
+
+// ------------------------------------------------------------------------------ portable
+template <typename T, int PMR, int NR, int MR>
+void micro_generic(const T* A0, const int64_t* a_off, const int64_t* a_k, int nseg, const T* B, T* C,
+                   const void* const*, int) {
   T acc[MR][NR] = {};
   for (int s = 0; s < nseg; ++s) {
     const T* A = A0 + a_off[s];
-    for (int64_t k = 0; k < a_k[s]; ++k, A += kMR, B += NR) {
+    for (int64_t k = 0; k < a_k[s]; ++k, A += PMR, B += NR) {
       for (int m = 0; m < MR; ++m)
         for (int n = 0; n < NR; ++n) acc[m][n] += A[m] * B[n];
     }
@@ -38,184 +49,8 @@ void micro_generic(const T* A0, const int64_t* a_off, const int64_t* a_k, int ns
     for (int n = 0; n < NR; ++n) C[m * NR + n] = acc[m][n];
 }
 
-#ifdef EFCN_HAVE_AVX2_PATH
-template <int MR>
-__attribute__((target("avx2,fma"))) void micro_avx2_f32(const float* A0, const int64_t* a_off, const int64_t* a_k,
-                                                        int nseg, const float* B, float* C) {
-  __m256 c0[MR], c1[MR];
-#pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m) c0[m] = c1[m] = _mm256_setzero_ps();
-  for (int s = 0; s < nseg; ++s) {
-    const float* A = A0 + a_off[s];
-    for (int64_t k = a_k[s]; k > 0; --k, A += kMR, B += 16) {
-      const __m256 b0 = _mm256_loadu_ps(B), b1 = _mm256_loadu_ps(B + 8);
-#pragma GCC unroll 8
-      for (int m = 0; m < MR; ++m) {
-        const __m256 a = _mm256_broadcast_ss(A + m);
-        c0[m] = _mm256_fmadd_ps(a, b0, c0[m]);
-        c1[m] = _mm256_fmadd_ps(a, b1, c1[m]);
-      }
-    }
-  }
-#pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m) {
-    _mm256_storeu_ps(C + m * 16, c0[m]);
-    _mm256_storeu_ps(C + m * 16 + 8, c1[m]);
-  }
-}
-
-template <int MR>
-__attribute__((target("avx2,fma"))) void micro_avx2_f64(const double* A0, const int64_t* a_off, const int64_t* a_k,
-                                                        int nseg, const double* B, double* C) {
-  __m256d c0[MR], c1[MR];
-#pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m) c0[m] = c1[m] = _mm256_setzero_pd();
-  for (int s = 0; s < nseg; ++s) {
-    const double* A = A0 + a_off[s];
-    for (int64_t k = a_k[s]; k > 0; --k, A += kMR, B += 8) {
-      const __m256d b0 = _mm256_loadu_pd(B), b1 = _mm256_loadu_pd(B + 4);
-#pragma GCC unroll 8
-      for (int m = 0; m < MR; ++m) {
-        const __m256d a = _mm256_broadcast_sd(A + m);
-        c0[m] = _mm256_fmadd_pd(a, b0, c0[m]);
-        c1[m] = _mm256_fmadd_pd(a, b1, c1[m]);
-      }
-    }
-  }
-#pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m) {
-    _mm256_storeu_pd(C + m * 8, c0[m]);
-    _mm256_storeu_pd(C + m * 8 + 4, c1[m]);
-  }
-}
-
-// The full-tile part of pack_transposed: kNR rows, K rounded down to 8 (float) / 4 (double).
-__attribute__((target("avx2,fma"))) int64_t transpose_avx2(const float* src, int64_t ld, int64_t K, float* dst) {
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    for (int h = 0; h < 2; ++h) {
-      const float* s = src + h * 8 * ld + k;
-      __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + ld), r2 = _mm256_loadu_ps(s + 2 * ld),
-             r3 = _mm256_loadu_ps(s + 3 * ld), r4 = _mm256_loadu_ps(s + 4 * ld), r5 = _mm256_loadu_ps(s + 5 * ld),
-             r6 = _mm256_loadu_ps(s + 6 * ld), r7 = _mm256_loadu_ps(s + 7 * ld);
-      __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3),
-             t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
-             t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
-      r0 = _mm256_shuffle_ps(t0, t2, 0x44);
-      r1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-      r2 = _mm256_shuffle_ps(t1, t3, 0x44);
-      r3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-      r4 = _mm256_shuffle_ps(t4, t6, 0x44);
-      r5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-      r6 = _mm256_shuffle_ps(t5, t7, 0x44);
-      r7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-      float* d = dst + k * 16 + h * 8;
-      _mm256_storeu_ps(d + 0 * 16, _mm256_permute2f128_ps(r0, r4, 0x20));
-      _mm256_storeu_ps(d + 1 * 16, _mm256_permute2f128_ps(r1, r5, 0x20));
-      _mm256_storeu_ps(d + 2 * 16, _mm256_permute2f128_ps(r2, r6, 0x20));
-      _mm256_storeu_ps(d + 3 * 16, _mm256_permute2f128_ps(r3, r7, 0x20));
-      _mm256_storeu_ps(d + 4 * 16, _mm256_permute2f128_ps(r0, r4, 0x31));
-      _mm256_storeu_ps(d + 5 * 16, _mm256_permute2f128_ps(r1, r5, 0x31));
-      _mm256_storeu_ps(d + 6 * 16, _mm256_permute2f128_ps(r2, r6, 0x31));
-      _mm256_storeu_ps(d + 7 * 16, _mm256_permute2f128_ps(r3, r7, 0x31));
-    }
-  }
-  return k;
-}
-
-__attribute__((target("avx2,fma"))) int64_t transpose_avx2(const double* src, int64_t ld, int64_t K, double* dst) {
-  int64_t k = 0;
-  for (; k + 4 <= K; k += 4) {
-    for (int h = 0; h < 2; ++h) {
-      const double* s = src + h * 4 * ld + k;
-      const __m256d r0 = _mm256_loadu_pd(s), r1 = _mm256_loadu_pd(s + ld), r2 = _mm256_loadu_pd(s + 2 * ld),
-                    r3 = _mm256_loadu_pd(s + 3 * ld);
-      const __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1),
-                    t2 = _mm256_unpacklo_pd(r2, r3), t3 = _mm256_unpackhi_pd(r2, r3);
-      double* d = dst + k * 8 + h * 4;
-      _mm256_storeu_pd(d + 0 * 8, _mm256_permute2f128_pd(t0, t2, 0x20));
-      _mm256_storeu_pd(d + 1 * 8, _mm256_permute2f128_pd(t1, t3, 0x20));
-      _mm256_storeu_pd(d + 2 * 8, _mm256_permute2f128_pd(t0, t2, 0x31));
-      _mm256_storeu_pd(d + 3 * 8, _mm256_permute2f128_pd(t1, t3, 0x31));
-    }
-  }
-  return k;
-}
-
-__attribute__((target("avx2"))) void stream_row(const float* src, float* dst) {
-  _mm256_stream_ps(dst, _mm256_load_ps(src));
-  _mm256_stream_ps(dst + 8, _mm256_load_ps(src + 8));
-}
-
-__attribute__((target("avx2"))) void stream_row(const double* src, double* dst) {
-  _mm256_stream_pd(dst, _mm256_load_pd(src));
-  _mm256_stream_pd(dst + 4, _mm256_load_pd(src + 4));
-}
-
-bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
-#endif
-
-template <typename T, template <int> class Table>
-MicroKernel<T> pick(int mr) {
-  switch (mr) {
-    case 1: return Table<1>::fn;
-    case 2: return Table<2>::fn;
-    case 3: return Table<3>::fn;
-    case 4: return Table<4>::fn;
-    case 5: return Table<5>::fn;
-    default: return Table<6>::fn;
-  }
-}
-
-template <typename T>
-struct Generic {
-  template <int MR>
-  struct Of {
-    static constexpr MicroKernel<T> fn = &micro_generic<T, MR>;
-  };
-};
-
-#ifdef EFCN_HAVE_AVX2_PATH
-template <int MR>
-struct Avx2F32 {
-  static constexpr MicroKernel<float> fn = &micro_avx2_f32<MR>;
-};
-template <int MR>
-struct Avx2F64 {
-  static constexpr MicroKernel<double> fn = &micro_avx2_f64<MR>;
-};
-#endif
-
-static_assert(kMR == 6, "pick() covers mr = 1..6");
-
-}  // namespace
-
-template <>
-MicroKernel<float> micro_kernel<float>(int mr) {
-#ifdef EFCN_HAVE_AVX2_PATH
-  if (cpu_has_avx2()) return pick<float, Avx2F32>(mr);
-#endif
-  return pick<float, Generic<float>::Of>(mr);
-}
-
-template <>
-MicroKernel<double> micro_kernel<double>(int mr) {
-#ifdef EFCN_HAVE_AVX2_PATH
-  if (cpu_has_avx2()) return pick<double, Avx2F64>(mr);
-#endif
-  return pick<double, Generic<double>::Of>(mr);
-}
-
-template <typename T>
-void pack_transposed(const T* src, int64_t ld, int64_t rows, int64_t K, T* dst) {
-  constexpr int NR = kNR<T>;
-  int64_t k0 = 0;
-#ifdef EFCN_HAVE_AVX2_PATH
-  if (rows == NR && cpu_has_avx2()) k0 = transpose_avx2(src, ld, K, dst);
-#endif
+template <typename T, int NR>
+void pack_transposed_generic(const T* src, int64_t ld, int64_t rows, int64_t K, T* dst, int64_t k0) {
   for (int n = 0; n < NR; ++n) {
     T* d = dst + n;
     if (n < rows) {
@@ -227,32 +62,432 @@ void pack_transposed(const T* src, int64_t ld, int64_t rows, int64_t K, T* dst) 
   }
 }
 
-template <typename T>
-void store_rows(const T* tile, int mr, int64_t nv, T* out, int64_t ld) {
-  constexpr int NR = kNR<T>;
-  for (int m = 0; m < mr; ++m) {
+template <typename T, int NR>
+void pack_transposed_portable(const T* src, int64_t ld, int64_t rows, int64_t K, T* dst) {
+  pack_transposed_generic<T, NR>(src, ld, rows, K, dst, 0);
+}
+
+template <typename T, int NR>
+void store_rows_portable(const T* tile, int rows, int64_t nv, T* out, int64_t ld) {
+  for (int m = 0; m < rows; ++m) {
     T* o = out + m * ld;
     const T* t = tile + m * NR;
-#ifdef EFCN_HAVE_AVX2_PATH
-    if (nv == NR && reinterpret_cast<uintptr_t>(o) % 32 == 0 && reinterpret_cast<uintptr_t>(t) % 32 == 0 &&
-        cpu_has_avx2()) {
-      stream_row(t, o);
-      continue;
-    }
-#endif
     for (int64_t n = 0; n < nv; ++n) o[n] = t[n];
   }
 }
 
+#ifdef EFCN_HAVE_SIMD_PATHS
+// ------------------------------------------------------------------------------ AVX2 + FMA
+template <int MR>
+__attribute__((target("avx2,fma"))) void micro_avx2_f32(const float* A0, const int64_t* a_off, const int64_t* a_k,
+                                                        int nseg, const float* B, float* C,
+                                                        const void* const* pf, int npf) {
+  __m256 c0[MR], c1[MR];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) c0[m] = c1[m] = _mm256_setzero_ps();
+  for (int s = 0; s < nseg; ++s) {
+    const float* A = A0 + a_off[s];
+    for (int64_t k = a_k[s]; k > 0; --k, A += kMR256, B += 16) {
+      if (npf > 0 && (k & 3) == 0) {
+        _mm_prefetch(static_cast<const char*>(*pf++), _MM_HINT_T0);
+        --npf;
+      }
+      const __m256 b0 = _mm256_loadu_ps(B), b1 = _mm256_loadu_ps(B + 8);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) {
+        const __m256 a = _mm256_broadcast_ss(A + m);
+        c0[m] = _mm256_fmadd_ps(a, b0, c0[m]);
+        c1[m] = _mm256_fmadd_ps(a, b1, c1[m]);
+      }
+    }
+  }
+  for (; npf > 0; --npf) _mm_prefetch(static_cast<const char*>(*pf++), _MM_HINT_T0);
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) {
+    _mm256_storeu_ps(C + m * 16, c0[m]);
+    _mm256_storeu_ps(C + m * 16 + 8, c1[m]);
+  }
+}
+
+template <int MR>
+__attribute__((target("avx2,fma"))) void micro_avx2_f64(const double* A0, const int64_t* a_off, const int64_t* a_k,
+                                                        int nseg, const double* B, double* C,
+                                                        const void* const* pf, int npf) {
+  __m256d c0[MR], c1[MR];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) c0[m] = c1[m] = _mm256_setzero_pd();
+  for (int s = 0; s < nseg; ++s) {
+    const double* A = A0 + a_off[s];
+    for (int64_t k = a_k[s]; k > 0; --k, A += kMR256, B += 8) {
+      if (npf > 0 && (k & 3) == 0) {
+        _mm_prefetch(static_cast<const char*>(*pf++), _MM_HINT_T0);
+        --npf;
+      }
+      const __m256d b0 = _mm256_loadu_pd(B), b1 = _mm256_loadu_pd(B + 4);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) {
+        const __m256d a = _mm256_broadcast_sd(A + m);
+        c0[m] = _mm256_fmadd_pd(a, b0, c0[m]);
+        c1[m] = _mm256_fmadd_pd(a, b1, c1[m]);
+      }
+    }
+  }
+  for (; npf > 0; --npf) _mm_prefetch(static_cast<const char*>(*pf++), _MM_HINT_T0);
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) {
+    _mm256_storeu_pd(C + m * 8, c0[m]);
+    _mm256_storeu_pd(C + m * 8 + 4, c1[m]);
+  }
+}
+
+// ------------------------------------------------------------------------------ AVX-512F
+// t[0] + ... + t[L-1] as a fixed pairwise tree (the lanes of a vector accumulator).
+template <typename T, int L>
+T tree_sum(T (&t)[L]) {
+  for (int w = L / 2; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) t[i] += t[i + w];
+  return t[0];
+}
+
+template <typename T>
+struct Zmm;
+template <>
+struct Zmm<float> {
+  using V = __m512;
+  static constexpr int kLanes = 16;
+  __attribute__((target("avx512f"))) static V zero() { return _mm512_setzero_ps(); }
+  __attribute__((target("avx512f"))) static V load(const float* p) { return _mm512_loadu_ps(p); }
+  __attribute__((target("avx512f"))) static V set1(float a) { return _mm512_set1_ps(a); }
+  __attribute__((target("avx512f"))) static void store(float* p, V a) { _mm512_storeu_ps(p, a); }
+  __attribute__((target("avx512f"))) static V load(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+  __attribute__((target("avx512f"))) static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  __attribute__((target("avx512f"))) static float sum(V a) {
+    alignas(64) float t[kLanes];
+    _mm512_store_ps(t, a);
+    return tree_sum(t);
+  }
+};
+template <>
+struct Zmm<double> {
+  using V = __m512d;
+  static constexpr int kLanes = 8;
+  __attribute__((target("avx512f"))) static V zero() { return _mm512_setzero_pd(); }
+  __attribute__((target("avx512f"))) static V load(const double* p) { return _mm512_loadu_pd(p); }
+  __attribute__((target("avx512f"))) static V set1(double a) { return _mm512_set1_pd(a); }
+  __attribute__((target("avx512f"))) static void store(double* p, V a) { _mm512_storeu_pd(p, a); }
+  __attribute__((target("avx512f"))) static V load(__mmask8 m, const double* p) { return _mm512_maskz_loadu_pd(m, p); }
+  __attribute__((target("avx512f"))) static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+  __attribute__((target("avx512f"))) static double sum(V a) {
+    alignas(64) double t[kLanes];
+    _mm512_store_pd(t, a);
+    return tree_sum(t);
+  }
+};
+
+// ------------------------------------------------------------------------------ AVX-512F tiles
+// MR rows x two zmm registers; the A entries broadcast from memory.
+template <typename T, int MR>
+__attribute__((target("avx512f"))) void micro_avx512(const T* A0, const int64_t* a_off, const int64_t* a_k, int nseg,
+                                                     const T* B, T* C, const void* const* pf, int npf) {
+  using Z = Zmm<T>;
+  constexpr int L = Z::kLanes;
+  typename Z::V c0[MR], c1[MR];
+#pragma GCC unroll 12
+  for (int m = 0; m < MR; ++m) c0[m] = c1[m] = Z::zero();
+  for (int s = 0; s < nseg; ++s) {
+    const T* A = A0 + a_off[s];
+    for (int64_t k = a_k[s]; k > 0; --k, A += kMR512, B += 2 * L) {
+      if (npf > 0 && (k & 3) == 0) {
+        _mm_prefetch(static_cast<const char*>(*pf++), _MM_HINT_T0);
+        --npf;
+      }
+      const auto b0 = Z::load(B), b1 = Z::load(B + L);
+#pragma GCC unroll 12
+      for (int m = 0; m < MR; ++m) {
+        const auto a = Z::set1(A[m]);
+        c0[m] = Z::fma(a, b0, c0[m]);
+        c1[m] = Z::fma(a, b1, c1[m]);
+      }
+    }
+  }
+  for (; npf > 0; --npf) _mm_prefetch(static_cast<const char*>(*pf++), _MM_HINT_T0);
+#pragma GCC unroll 12
+  for (int m = 0; m < MR; ++m) {
+    Z::store(C + m * 2 * L, c0[m]);
+    Z::store(C + m * 2 * L + L, c1[m]);
+  }
+}
+
+// ------------------------------------------------------------------------------ AVX-512F gemv
+// Four rows at a time (four independent weight streams), 64 bytes of k per step, masked tails.
+template <typename T, int R>
+__attribute__((target("avx512f"))) void gemv_rows_avx512(const T* const* w, const T* const* x, const int64_t* len,
+                                                         int nseg, int64_t ldw, T* out) {
+  using Z = Zmm<T>;
+  constexpr int L = Z::kLanes;
+  typename Z::V acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = Z::zero();
+  for (int s = 0; s < nseg; ++s) {
+    const T* xs = x[s];
+    const T* ws = w[s];
+    const int64_t n = len[s];
+    int64_t k = 0;
+    for (; k + L <= n; k += L) {
+      const auto xv = Z::load(xs + k);
+      for (int r = 0; r < R; ++r) acc[r] = Z::fma(Z::load(ws + r * ldw + k), xv, acc[r]);
+    }
+    if (k < n) {
+      const unsigned m = (1u << (n - k)) - 1;
+      const auto xv = Z::load(m, xs + k);
+      for (int r = 0; r < R; ++r) acc[r] = Z::fma(Z::load(m, ws + r * ldw + k), xv, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = Z::sum(acc[r]);
+}
+
+template <typename T>
+void gemv_avx512(const T* const* w, const T* const* x, const int64_t* len, int nseg, int64_t rows, int64_t ldw,
+                 T* out) {
+  std::vector<const T*> wr(w, w + nseg);
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    for (int s = 0; s < nseg; ++s) wr[s] = w[s] + r * ldw;
+    gemv_rows_avx512<T, 4>(wr.data(), x, len, nseg, ldw, out + r);
+  }
+  for (; r < rows; ++r) {
+    for (int s = 0; s < nseg; ++s) wr[s] = w[s] + r * ldw;
+    gemv_rows_avx512<T, 1>(wr.data(), x, len, nseg, ldw, out + r);
+  }
+}
+
+// ------------------------------------------------------------------------------ SIMD panel helpers
+// 8 rows x 8 columns of src (leading dim ld) transposed into dst (leading dim ldd).
+__attribute__((target("avx2"))) inline void transpose8x8(const float* s, int64_t ld, float* d, int64_t ldd) {
+  __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + ld), r2 = _mm256_loadu_ps(s + 2 * ld),
+         r3 = _mm256_loadu_ps(s + 3 * ld), r4 = _mm256_loadu_ps(s + 4 * ld), r5 = _mm256_loadu_ps(s + 5 * ld),
+         r6 = _mm256_loadu_ps(s + 6 * ld), r7 = _mm256_loadu_ps(s + 7 * ld);
+  __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3),
+         t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+         t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  r0 = _mm256_shuffle_ps(t0, t2, 0x44);
+  r1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  r2 = _mm256_shuffle_ps(t1, t3, 0x44);
+  r3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  r4 = _mm256_shuffle_ps(t4, t6, 0x44);
+  r5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  r6 = _mm256_shuffle_ps(t5, t7, 0x44);
+  r7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  _mm256_storeu_ps(d + 0 * ldd, _mm256_permute2f128_ps(r0, r4, 0x20));
+  _mm256_storeu_ps(d + 1 * ldd, _mm256_permute2f128_ps(r1, r5, 0x20));
+  _mm256_storeu_ps(d + 2 * ldd, _mm256_permute2f128_ps(r2, r6, 0x20));
+  _mm256_storeu_ps(d + 3 * ldd, _mm256_permute2f128_ps(r3, r7, 0x20));
+  _mm256_storeu_ps(d + 4 * ldd, _mm256_permute2f128_ps(r0, r4, 0x31));
+  _mm256_storeu_ps(d + 5 * ldd, _mm256_permute2f128_ps(r1, r5, 0x31));
+  _mm256_storeu_ps(d + 6 * ldd, _mm256_permute2f128_ps(r2, r6, 0x31));
+  _mm256_storeu_ps(d + 7 * ldd, _mm256_permute2f128_ps(r3, r7, 0x31));
+}
+
+// 4 rows x 4 columns, double.
+__attribute__((target("avx2"))) inline void transpose4x4(const double* s, int64_t ld, double* d, int64_t ldd) {
+  const __m256d r0 = _mm256_loadu_pd(s), r1 = _mm256_loadu_pd(s + ld), r2 = _mm256_loadu_pd(s + 2 * ld),
+                r3 = _mm256_loadu_pd(s + 3 * ld);
+  const __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1), t2 = _mm256_unpacklo_pd(r2, r3),
+                t3 = _mm256_unpackhi_pd(r2, r3);
+  _mm256_storeu_pd(d + 0 * ldd, _mm256_permute2f128_pd(t0, t2, 0x20));
+  _mm256_storeu_pd(d + 1 * ldd, _mm256_permute2f128_pd(t1, t3, 0x20));
+  _mm256_storeu_pd(d + 2 * ldd, _mm256_permute2f128_pd(t0, t2, 0x31));
+  _mm256_storeu_pd(d + 3 * ldd, _mm256_permute2f128_pd(t1, t3, 0x31));
+}
+
+// The full-tile part of pack_transposed: NR rows, K rounded down to 8 (float) / 4 (double).
+template <int NR>
+__attribute__((target("avx2"))) int64_t transpose_simd(const float* src, int64_t ld, int64_t K, float* dst) {
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8)
+    for (int h = 0; h < NR / 8; ++h) transpose8x8(src + h * 8 * ld + k, ld, dst + k * NR + h * 8, NR);
+  return k;
+}
+
+template <int NR>
+__attribute__((target("avx2"))) int64_t transpose_simd(const double* src, int64_t ld, int64_t K, double* dst) {
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4)
+    for (int h = 0; h < NR / 4; ++h) transpose4x4(src + h * 4 * ld + k, ld, dst + k * NR + h * 4, NR);
+  return k;
+}
+
+template <typename T, int NR>
+void pack_transposed_simd(const T* src, int64_t ld, int64_t rows, int64_t K, T* dst) {
+  const int64_t k0 = rows == NR ? transpose_simd<NR>(src, ld, K, dst) : 0;
+  pack_transposed_generic<T, NR>(src, ld, rows, K, dst, k0);
+}
+
+// A whole tile row (NR * sizeof(T) bytes, a multiple of 64) streamed to a 32-byte aligned dst.
+template <int NR>
+__attribute__((target("avx2"))) void stream_row(const float* src, float* dst) {
+  for (int n = 0; n < NR; n += 8) _mm256_stream_ps(dst + n, _mm256_load_ps(src + n));
+}
+
+template <int NR>
+__attribute__((target("avx2"))) void stream_row(const double* src, double* dst) {
+  for (int n = 0; n < NR; n += 4) _mm256_stream_pd(dst + n, _mm256_load_pd(src + n));
+}
+
+template <typename T, int NR>
+void store_rows_simd(const T* tile, int rows, int64_t nv, T* out, int64_t ld) {
+  for (int m = 0; m < rows; ++m) {
+    T* o = out + m * ld;
+    const T* t = tile + m * NR;
+    if (nv == NR && reinterpret_cast<uintptr_t>(o) % 32 == 0 && reinterpret_cast<uintptr_t>(t) % 32 == 0) {
+      stream_row<NR>(t, o);
+    } else {
+      for (int64_t n = 0; n < nv; ++n) o[n] = t[n];
+    }
+  }
+}
+
+Isa detect_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+  return Isa::kGeneric;
+}
+#else
+Isa detect_isa() { return Isa::kGeneric; }
+#endif
+
+// ------------------------------------------------------------------------------ tables
+template <typename T, int PMR, int NR>
+struct GenericOf {
+  template <int MR>
+  static void fn(const T* A, const int64_t* o, const int64_t* k, int n, const T* B, T* C, const void* const* pf,
+                 int npf) {
+    micro_generic<T, PMR, NR, MR>(A, o, k, n, B, C, pf, npf);
+  }
+};
+
+// table[m] = Src::template fn<m> for m in 1..MR (table[0] unused), the rest null.
+template <typename T, typename Src, int... Ms>
+void fill(MicroKernel<T>* table, std::integer_sequence<int, Ms...>) {
+  ((table[Ms + 1] = &Src::template fn<Ms + 1>), ...);
+}
+
+template <typename T>
+Kernels<T> make_generic() {
+  constexpr int NR = kNR256<T>;
+  Kernels<T> k{Isa::kGeneric, kMR256, NR, {}, &pack_transposed_portable<T, NR>, &store_rows_portable<T, NR>, nullptr};
+  fill<T, GenericOf<T, kMR256, NR>>(k.tile, std::make_integer_sequence<int, kMR256>{});
+  return k;
+}
+
+#ifdef EFCN_HAVE_SIMD_PATHS
+struct Avx2F32 {
+  template <int MR>
+  static void fn(const float* A, const int64_t* o, const int64_t* k, int n, const float* B, float* C,
+                 const void* const* pf, int npf) {
+    micro_avx2_f32<MR>(A, o, k, n, B, C, pf, npf);
+  }
+};
+struct Avx2F64 {
+  template <int MR>
+  static void fn(const double* A, const int64_t* o, const int64_t* k, int n, const double* B, double* C,
+                 const void* const* pf, int npf) {
+    micro_avx2_f64<MR>(A, o, k, n, B, C, pf, npf);
+  }
+};
+template <typename T>
+struct Avx512 {
+  template <int MR>
+  static void fn(const T* A, const int64_t* o, const int64_t* k, int n, const T* B, T* C, const void* const* pf,
+                 int npf) {
+    micro_avx512<T, MR>(A, o, k, n, B, C, pf, npf);
+  }
+};
+
+template <typename T, typename Src, int MR, int NR>
+Kernels<T> make_simd(Isa isa) {
+  Kernels<T> k{isa, MR, NR, {}, &pack_transposed_simd<T, NR>, &store_rows_simd<T, NR>,
+               isa == Isa::kAvx512 ? &gemv_avx512<T> : nullptr};
+  fill<T, Src>(k.tile, std::make_integer_sequence<int, MR>{});
+  return k;
+}
+
+template <typename T>
+Kernels<T> make_avx2();
+template <>
+Kernels<float> make_avx2<float>() { return make_simd<float, Avx2F32, kMR256, kNR256<float>>(Isa::kAvx2); }
+template <>
+Kernels<double> make_avx2<double>() { return make_simd<double, Avx2F64, kMR256, kNR256<double>>(Isa::kAvx2); }
+template <typename T>
+Kernels<T> make_avx512() {
+  return make_simd<T, Avx512<T>, kMR512, kNR512<T>>(Isa::kAvx512);
+}
+#endif
+
+// -1 until first use, then the active Isa
+std::atomic<int> g_isa{-1};
+
+}  // namespace
+
+Isa best_isa() {
+  static const Isa best = detect_isa();
+  return best;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "generic";
+  }
+}
+
+Isa parse_isa(const char* name) {
+  for (Isa isa : {Isa::kAvx512, Isa::kAvx2, Isa::kGeneric})
+    if (std::strcmp(name, isa_name(isa)) == 0) return isa;
+  throw std::invalid_argument(std::string("CPU ISA: expected one of avx512, avx2, generic, got '") + name + "'");
+}
+
+Isa set_isa(Isa want) {
+  const Isa isa = static_cast<int>(want) < static_cast<int>(best_isa()) ? want : best_isa();
+  g_isa.store(static_cast<int>(isa));
+  return isa;
+}
+
+Isa active_isa() {
+  const int cur = g_isa.load();
+  if (cur >= 0) return static_cast<Isa>(cur);
+  const char* env = std::getenv("EFCN_CPU_ISA");
+  const Isa want = env && *env ? parse_isa(env) : best_isa();  // an unknown name: a clear error each call
+  const Isa isa = static_cast<int>(want) < static_cast<int>(best_isa()) ? want : best_isa();
+  int expected = -1;
+  g_isa.compare_exchange_strong(expected, static_cast<int>(isa));  // set_isa() meanwhile wins
+  return static_cast<Isa>(g_isa.load());
+}
+
+template <typename T>
+const Kernels<T>& kernels() {
+  static const Kernels<T> generic = make_generic<T>();
+#ifdef EFCN_HAVE_SIMD_PATHS
+  static const Kernels<T> avx2 = make_avx2<T>();
+  static const Kernels<T> avx512 = make_avx512<T>();
+  switch (active_isa()) {
+    case Isa::kAvx512: return avx512;
+    case Isa::kAvx2: return avx2;
+    default: break;
+  }
+#endif
+  return generic;
+}
+
 void store_fence() {
-#ifdef EFCN_HAVE_AVX2_PATH
+#ifdef EFCN_HAVE_SIMD_PATHS
   _mm_sfence();
 #endif
 }
 
-template void store_rows<float>(const float*, int, int64_t, float*, int64_t);
-template void store_rows<double>(const double*, int, int64_t, double*, int64_t);
-template void pack_transposed<float>(const float*, int64_t, int64_t, int64_t, float*);
-template void pack_transposed<double>(const double*, int64_t, int64_t, int64_t, double*);
+template const Kernels<float>& kernels<float>();
+template const Kernels<double>& kernels<double>();
 
 }  // namespace efcn_cpu

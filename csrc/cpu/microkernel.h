@@ -1,42 +1,84 @@
-// Register-tile micro-kernels for the CPU BSR ops (csrc/cpu/bsr_cpu.cpp).
+// Register-tile micro-kernels for the CPU BSR ops (csrc/cpu/bsr_cpu.cpp), one set per ISA.
 //
 // One primitive serves all three ops: C[m][n] = sum_k A[k][m] * B[k][n] over packed panels.
-// A comes in segments (the blocks of a block row sit at different columns of x):
-//   segment s: A + a_off[s] is a [a_k[s]][kMR] panel (only the first mr of each kMR-group read);
-//   B: [sum of a_k][kNR<T>], contiguous across segments; C: [kMR][kNR<T>] (first mr rows written).
+// The tile shape (mr rows x nr columns) belongs to the ISA, chosen at run time, and the caller
+// packs its panels for that shape (Kernels<T>::mr, ::nr):
+//   A comes in segments (the blocks of a block row sit at different columns of x):
+//   segment s: A + a_off[s] is a [a_k[s]][mr] panel (only the first m of each mr-group read by
+//   tile[m]); B: [sum of a_k][nr], contiguous across segments; C: [mr][nr] (first m rows written).
 // The caller packs operands into these contiguous panels (which also removes the cache-set
 // aliasing of rows that are a power of two apart in x and dy) and runs its own epilogue.
 //
 // Each C entry is one chain of multiply-adds in ascending k (segments in order), so the result
-// does not depend on how the caller splits work between threads. The kernel is picked by CPU
-// features (AVX2+FMA, else portable C++; always portable under AddressSanitizer), so results
-// are bit-identical run to run on a machine.
+// does not depend on how the caller splits work between threads, nor on the tile shape. The
+// AVX2 and AVX-512 tile kernels both use fused multiply-adds, so they give the same bits (the
+// AVX-512 matrix-vector forward for batch <= 2 sums in another order); the
+// portable kernel (no FMA contraction guaranteed) may differ in the last bits. Which ISA runs:
+// the best the CPU has (AVX-512F, AVX2+FMA, portable C++; always portable under
+// AddressSanitizer, which cannot see the intrinsics' loads), lowered by EFCN_CPU_ISA at first
+// use or by set_isa() (torch.ops.efcn_sparse_C.cpu_isa); results are bit-identical run to run
+// and across thread counts for a given ISA.
 #pragma once
 
 #include <cstdint>
 
+// Defined in AddressSanitizer builds, which run the portable kernels only (ASan does not see the
+// loads of intrinsics) and recycle no buffers (buffer_pool.h).
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define EFCN_ASAN 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__) && !defined(EFCN_ASAN)
+#define EFCN_ASAN 1
+#endif
+
 namespace efcn_cpu {
 
-constexpr int kMR = 6;  // rows of a register tile
-template <typename T>
-constexpr int kNR = 64 / static_cast<int>(sizeof(T));  // columns: two 256-bit registers
+enum class Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
 
-template <typename T>
-using MicroKernel = void (*)(const T* A, const int64_t* a_off, const int64_t* a_k, int nseg, const T* B, T* C);
+constexpr int kMaxMR = 12;        // most rows of a register tile, over all ISAs
+constexpr int kMaxTileBytes = kMaxMR * 128;  // most bytes of one mr x nr tile
 
-// The kernel computing an mr x kNR<T> tile, 1 <= mr <= kMR.
+// pf[0..npf): cache lines the caller wants fetched for its next work; the SIMD kernels issue one
+// prefetch every few k steps, so that memory latency overlaps the multiply-adds instead of
+// stalling a burst of prefetches (the portable kernel ignores them).
 template <typename T>
-MicroKernel<T> micro_kernel(int mr);
+using MicroKernel = void (*)(const T* A, const int64_t* a_off, const int64_t* a_k, int nseg, const T* B, T* C,
+                             const void* const* pf, int npf);
 
-// dst[k][n] = n < rows ? src[n * ld + k] : 0 for k < K, n < kNR<T>: kNR<T> rows of a row-major
-// matrix transposed into a B panel (vectorised 8x8 / 4x4 transposes where AVX2 is available).
+// The micro-kernels of one ISA for T, with the panel helpers that agree with its tile shape.
 template <typename T>
-void pack_transposed(const T* src, int64_t ld, int64_t rows, int64_t K, T* dst);
+struct Kernels {
+  Isa isa;
+  int mr, nr;                       // tile shape; panels are packed for it
+  MicroKernel<T> tile[kMaxMR + 1];  // tile[m] computes the first m rows, 1 <= m <= mr
+  // dst[k][n] = n < rows ? src[n * ld + k] : 0 for k < K, n < nr: nr rows of a row-major matrix
+  // transposed into a B panel (vectorised 8x8 / 4x4 transposes on the SIMD ISAs).
+  void (*pack_transposed)(const T* src, int64_t ld, int64_t rows, int64_t K, T* dst);
+  // out[m * ld + n] = tile[m][n] for m < rows, n < nv (tile rows nr apart), with non-temporal
+  // (cache-bypassing) stores where a row is whole and aligned (SIMD ISAs); store_fence() orders
+  // them before the data is used elsewhere.
+  void (*store_rows)(const T* tile, int rows, int64_t nv, T* out, int64_t ld);
+  // out[r] = sum over segments s of sum_{k < len[s]} w[s][r * ldw + k] * x[s][k], for r < rows: a
+  // matrix-vector product over the blocks of a block row (the forward at batch 1, which streams the
+  // weights once and should not transpose them). Per row: lane-wise sums in ascending k, then a
+  // fixed reduction. Null where the ISA has none (the caller then uses the tile kernels).
+  void (*gemv)(const T* const* w, const T* const* x, const int64_t* len, int nseg, int64_t rows, int64_t ldw,
+               T* out);
+};
 
-// out[m * ld + n] = tile[m][n] for m < mr, n < nv, with non-temporal (cache-bypassing) stores
-// where a row is whole and aligned; store_fence() orders them before the data is used elsewhere.
+// The kernels of the active ISA. Read once per op call: an ISA change between calls is safe.
 template <typename T>
-void store_rows(const T* tile, int mr, int64_t nv, T* out, int64_t ld);
+const Kernels<T>& kernels();
+
+Isa best_isa();    // the best ISA of this CPU and build
+Isa active_isa();  // best_isa(), or what EFCN_CPU_ISA or set_isa() asked for, capped at best_isa()
+Isa set_isa(Isa want);  // makes min(want, best_isa()) active and returns it
+const char* isa_name(Isa isa);
+// "avx512" | "avx2" | "generic" -> the ISA; throws std::invalid_argument naming the choices otherwise.
+Isa parse_isa(const char* name);
+
 void store_fence();
 
 }  // namespace efcn_cpu

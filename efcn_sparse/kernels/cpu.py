@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from .. import _extension
 from . import _native
 from ._native import forward, grad_input, grad_weight  # noqa: F401
 
@@ -15,3 +16,27 @@ DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
     return _native.unavailable_reason(device, "cpu", "CPU")
+
+
+ISAS = ("avx512", "avx2", "generic")  # micro-kernel instruction sets, best first
+
+
+def isa(request: str = "") -> str:
+    """The instruction set of the C++ micro-kernels, for this process. ``request`` (one of ``ISAS``,
+    or ``"best"``) selects one, capped at what the CPU supports; ``""`` only asks. Returns the name
+    of the one now active. The default is the best the CPU has, or the ``EFCN_CPU_ISA`` environment
+    variable's choice. Results are bit-identical run to run for a given ISA (and equal between the
+    two SIMD ones, which both chain fused multiply-adds, except the forward at batch <= 2)."""
+    if not _extension.load():
+        raise RuntimeError(f"the compiled extension is not available ({_extension.error()})")
+    return torch.ops.efcn_sparse_C.cpu_isa(request)
+
+
+def supported_isas() -> tuple:
+    """The ISAs this CPU and build can run, best first (``generic`` always)."""
+    current = isa()
+    try:
+        best = isa("best")
+    finally:
+        isa(current)
+    return ISAS[ISAS.index(best):]
