@@ -100,17 +100,21 @@ def test_falls_back_to_autograd_where_in_place_would_be_wrong(why):
         assert len(seen) == 2 and torch.equal(seen[-1], plain.values.grad)  # the hook saw every gradient
 
 
+def _op_case(batch, dtype=torch.float32, backend="reference"):
+    """(layout, dy, x, out) for the op: random operands, ``out`` zero at masked entries."""
+    lay = _layers(backend)[0].layout
+    (M, N), (BR, BC) = lay.shape, lay.block_shape
+    dy, x = torch.randn(batch, M, dtype=dtype), torch.randn(batch, N, dtype=dtype)
+    return lay, dy, x, lay.apply_mask(torch.randn(lay.nnzb, BR, BC)).to(dtype)
+
+
 @pytest.mark.parametrize("backend,dtype", [
     (b, d) for b in BACKENDS for d in (torch.float32, torch.bfloat16, torch.float64)
     if not (b == "triton" and d == torch.bfloat16)  # the Triton interpreter has no bfloat16
 ], ids=str)
 def test_op_adds_dw_to_out_as_out_plus_grad_weight_does(backend, dtype):
-    plain, _ = _layers(backend)
-    lay = plain.layout
-    M, N = lay.shape
+    lay, dy, x, out = _op_case(7, dtype, backend)
     BR, BC = lay.block_shape
-    dy, x = torch.randn(7, M, dtype=dtype), torch.randn(7, N, dtype=dtype)
-    out = lay.apply_mask(torch.randn(lay.nnzb, BR, BC)).to(dtype)
     dw = ops.bsr_grad_weight(dy, x, lay.row_idx, lay.col_idx, lay.mask_ids, lay.mask_patterns, BR, BC, backend)
     expected = out + dw
     ops.bsr_grad_weight_acc(out, dy, x, lay.row_idx, lay.col_idx, lay.mask_ids, lay.mask_patterns, backend)
@@ -118,14 +122,9 @@ def test_op_adds_dw_to_out_as_out_plus_grad_weight_does(backend, dtype):
 
 
 def test_op_leaves_masked_entries_exactly_as_they_are_for_non_finite_inputs():
-    plain, _ = _layers("reference")
-    lay = plain.layout
-    M, N = lay.shape
-    BR, BC = lay.block_shape
-    dy, x = torch.randn(3, M), torch.randn(3, N)
+    lay, dy, x, out = _op_case(3)
     x[0, 0] = float("inf")
     x[1, 1] = float("nan")
-    out = lay.apply_mask(torch.randn(lay.nnzb, BR, BC))
     for backend in BACKENDS:
         o = out.clone()
         ops.bsr_grad_weight_acc(o, dy, x, lay.row_idx, lay.col_idx, lay.mask_ids, lay.mask_patterns, backend)
@@ -133,11 +132,8 @@ def test_op_leaves_masked_entries_exactly_as_they_are_for_non_finite_inputs():
 
 
 def test_op_refuses_a_mismatched_out():
-    plain, _ = _layers("reference")
-    lay = plain.layout
-    M, N = lay.shape
+    lay, dy, x, _ = _op_case(3)
     BR, BC = lay.block_shape
-    dy, x = torch.randn(3, M), torch.randn(3, N)
     with pytest.raises(TypeError, match="one dtype"):
         ops.bsr_grad_weight_acc(torch.zeros(lay.nnzb, BR, BC, dtype=torch.float64), dy, x, lay.row_idx, lay.col_idx,
                                 lay.mask_ids, lay.mask_patterns, "reference")
@@ -147,22 +143,14 @@ def test_op_refuses_a_mismatched_out():
 
 
 def test_opcheck():
-    plain, _ = _layers("reference")
-    lay = plain.layout
-    M, N = lay.shape
-    BR, BC = lay.block_shape
-    args = (lay.apply_mask(torch.randn(lay.nnzb, BR, BC)), torch.randn(3, M), torch.randn(3, N), lay.row_idx,
-            lay.col_idx, lay.mask_ids, lay.mask_patterns, "reference")
+    lay, dy, x, out = _op_case(3)
+    args = (out, dy, x, lay.row_idx, lay.col_idx, lay.mask_ids, lay.mask_patterns, "reference")
     torch.library.opcheck(ops.bsr_grad_weight_acc, args)
 
 
 def test_reference_kernel_rounds_like_the_unfused_sum_in_bfloat16():
-    plain, _ = _layers("reference")
-    lay = plain.layout
-    M, N = lay.shape
+    lay, dy, x, out = _op_case(9, torch.bfloat16)
     BR, BC = lay.block_shape
-    dy, x = torch.randn(9, M).bfloat16(), torch.randn(9, N).bfloat16()
-    out = lay.apply_mask(torch.randn(lay.nnzb, BR, BC)).bfloat16()
     expected = out + reference.grad_weight(dy, x, lay.row_idx, lay.col_idx, lay.mask_ids, lay.mask_patterns, BR, BC)
     reference.grad_weight_acc(out, dy, x, lay.row_idx, lay.col_idx, lay.mask_ids, lay.mask_patterns)
     assert torch.equal(out, expected)
