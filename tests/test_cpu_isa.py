@@ -39,7 +39,7 @@ SHAPES = [
 @pytest.fixture(params=cpu.ISAS if _REASON is None else [])
 def isa(request):
     if request.param not in cpu.supported_isas():
-        pytest.skip(f"this CPU has no {request.param}")
+        pytest.skip(f"this CPU or build has no {request.param} path (sanitizer builds have only the portable one)")
     before = cpu.isa()
     assert cpu.isa(request.param) == request.param
     yield request.param
