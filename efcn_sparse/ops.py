@@ -140,14 +140,18 @@ def _(dy, values, ccol_ptr, t_row_idx, t_perm, N, backend):
 
 
 # --------------------------------------------------------------------------- grad_weight
-@torch.library.custom_op("efcn_sparse::bsr_grad_weight", mutates_args=())
-def bsr_grad_weight(dy: Tensor, x: Tensor, row_idx: Tensor, col_idx: Tensor, mask_ids: Optional[Tensor],
-                    mask_patterns: Optional[Tensor], BR: int, BC: int, backend: str) -> Tensor:
-    """dW [nnzb, BR, BC] = (dY^T X) restricted to the stored blocks, times the element mask."""
+def _check_grad_weight_operands(dy: Tensor, x: Tensor) -> None:
     if dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0]:
         raise ValueError(f"grad_weight: expected dy [B, M] and x [B, N] with one batch, got {tuple(dy.shape)} and {tuple(x.shape)}")
     if dy.dtype != x.dtype:
         raise TypeError(f"grad_weight: dy dtype {dy.dtype} differs from x dtype {x.dtype}")
+
+
+@torch.library.custom_op("efcn_sparse::bsr_grad_weight", mutates_args=())
+def bsr_grad_weight(dy: Tensor, x: Tensor, row_idx: Tensor, col_idx: Tensor, mask_ids: Optional[Tensor],
+                    mask_patterns: Optional[Tensor], BR: int, BC: int, backend: str) -> Tensor:
+    """dW [nnzb, BR, BC] = (dY^T X) restricted to the stored blocks, times the element mask."""
+    _check_grad_weight_operands(dy, x)
     if dy.shape[0] == 0:
         return dy.new_zeros(row_idx.numel(), BR, BC)
     k = _kernels(backend, dy.device, op="grad_weight", dtype=dy.dtype, batch=dy.shape[0], block_shape=(BR, BC))
@@ -164,9 +168,8 @@ def bsr_grad_weight_acc(out: Tensor, dy: Tensor, x: Tensor, row_idx: Tensor, col
                         mask_ids: Optional[Tensor], mask_patterns: Optional[Tensor], backend: str) -> None:
     """out [nnzb, BR, BC] += dW in place (as ``out += bsr_grad_weight(...)``, masked entries of out
     left as they are), without a dW temporary on backends that fuse it (triton, cuda, reference)."""
-    if dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0]:
-        raise ValueError(f"grad_weight: expected dy [B, M] and x [B, N] with one batch, got {tuple(dy.shape)} and {tuple(x.shape)}")
-    if dy.dtype != x.dtype or out.dtype != dy.dtype:
+    _check_grad_weight_operands(dy, x)
+    if out.dtype != dy.dtype:
         raise TypeError(f"grad_weight: dy {dy.dtype}, x {x.dtype} and out {out.dtype} must share one dtype")
     if out.dim() != 3 or out.shape[0] != row_idx.numel() or not out.is_contiguous():
         raise ValueError(f"grad_weight: out must be a contiguous [{row_idx.numel()}, BR, BC] tensor, got {tuple(out.shape)}")
