@@ -42,8 +42,7 @@ else:
 __all__ = ["forward", "grad_input", "grad_weight", "grad_weight_acc", "unavailable_reason", "set_allow_tf32", "interpreted"]
 
 _allow_tf32 = os.environ.get("EFCN_TRITON_TF32", "0") == "1"
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-DTYPES = _DTYPES  # read by backends.resolve("auto")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # also read by backends.resolve("auto")
 
 
 def set_allow_tf32(flag: bool) -> None:
@@ -98,9 +97,9 @@ def _dot_prec(dtype: torch.dtype) -> str:
 
 
 def _check_dtype(t: Tensor) -> None:
-    if t.dtype not in _DTYPES:
+    if t.dtype not in DTYPES:
         raise TypeError(f"triton backend: unsupported dtype {t.dtype}; expected one of "
-                        f"{', '.join(str(d).replace('torch.', '') for d in _DTYPES)}")
+                        f"{', '.join(str(d).replace('torch.', '') for d in DTYPES)}")
 
 
 def _heuristic(kind: str, B: int, BRP: int, BCP: int, dtype: torch.dtype) -> dict:
