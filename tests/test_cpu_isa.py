@@ -1,8 +1,9 @@
 """The ``cpu`` backend's micro-kernels on every instruction set this machine supports (AVX-512,
 AVX2, portable C++), each forced in turn: parity with the reference backend, bit-identical results
 across runs and thread counts, the two SIMD tile paths equal bit for bit (both chain fused
-multiply-adds in the same order; the AVX-512 forward at batch <= 2 is a matrix-vector product, and
-narrow blocks whose K exceeds one panel are summed in groups that depend on the tile width), and the selection itself (capped at the CPU, named errors, EFCN_CPU_ISA)."""
+multiply-adds in the same order, also where an output slice's K spans several packed panels; the
+AVX-512 forward at batch <= 2 is a matrix-vector product), and the selection itself (capped at the
+CPU, named errors, EFCN_CPU_ISA)."""
 
 import os
 import subprocess
@@ -87,12 +88,15 @@ def test_each_isa_deterministic_across_runs_and_threads(isa, shape, B):
         assert torch.equal(a, b) and torch.equal(b, c), isa
 
 
-# K of every output slice within one packed panel (kKMax = 256): beyond it, narrow blocks are cut
-# into K groups that depend on how many lines share a tile (NR / side), so the ISAs may differ there
+# the last three: output slices whose K spans several packed panels (more than 256 entries), for
+# narrow blocks grouped NR / side lines to a tile, so the groups differ between the tile widths
 AGREE_SHAPES = [
     (300, 260, 64, 40, dict(density=0.6, mask=True)),
     (130, 61, 64, 3, dict(mask=True)),  # narrow grad_input and grad_weight
     (70, 200, 3, 64, dict(mask=True)),  # narrow forward
+    (1500, 1300, 64, 48, dict(density=0.3, mask=True, full_row=True)),
+    (2000, 300, 64, 3, dict(full_col=True, mask=True)),
+    (300, 2000, 3, 64, dict(full_row=True)),
 ]
 
 

@@ -9,7 +9,9 @@
 // * forward / grad_input: the streamed operand (x or dy) is repacked once per call into batch
 //   tiles (a buffer of its own size); a task packs its slice's blocks (transposed for the
 //   forward) concatenated along K, so an output tile is computed in registers over the whole
-//   block row (column) and written once. A per-thread panel holds at most kKMax x block side.
+//   block row (column) and written once. A per-thread panel holds at most kKMax x block side;
+//   longer slices go in K groups, each output tile accumulating across them in a task's own
+//   panel (the micro-kernel continues its chains) until it is written once.
 // * forward at batch <= kGemvBatch (AVX-512): matrix-vector products straight from the blocks.
 // * grad_weight: x is repacked once per call into per-block-column panels, dy per block row
 //   into a per-thread panel; each block is then one [BR x B] @ [B x BC] product.
@@ -21,15 +23,14 @@
 // Edge blocks that stick out of (M, N) are handled by limiting K to the in-range part and
 // zero-padding the packed panels; out-of-range entries of x, dy, y, dx are never touched.
 //
-// Determinism: every output entry is computed by exactly one task, in an order fixed by the
-// layout alone (blocks in stored order, K ascending, K split into groups at points that depend
-// only on the layout), so results are bit-identical across runs and thread counts for a given
-// micro-kernel ISA (microkernel.h: AVX-512, AVX2 and portable C++, chosen at run time; the two
-// SIMD ones agree bit for bit, except narrow blocks whose slice K exceeds kKMax: the lines that
-// share a tile, hence the K group cuts, follow the tile width). They are not bit-identical to
-// the reference backend (another summation order; nor is the matrix-vector forward to the tile
-// one). Panels are packed for the
-// active ISA's tile shape (Kernels<T>::mr, ::nr), read once per op call.
+// Determinism: every output entry is computed by exactly one task as one chain of multiply-adds
+// in an order fixed by the layout alone (blocks in stored order, K ascending, continued across K
+// groups), so results are bit-identical across runs and thread counts for a given micro-kernel
+// ISA (microkernel.h: AVX-512, AVX2 and portable C++, chosen at run time). The two SIMD ones
+// agree bit for bit: narrow lines grouped by tile width add only exact zeros from the other lines'
+// blocks. They are not bit-identical to the reference backend (another summation order; nor is
+// the matrix-vector forward to the tile one). Panels are packed for the active ISA's tile shape
+// (Kernels<T>::mr, ::nr), read once per op call.
 //
 // Checked before any access: dtypes, devices, dims, contiguity, index tensor lengths, pointer
 // arrays (start 0, end nnzb, monotone), every block row/column/permutation/mask id in range.
@@ -163,35 +164,16 @@ const Kernels<T>& active_kernels() {
 }
 
 // ------------------------------------------------------------------------------ shared pieces
-// dst[t][f][m] = src[t*MR + m][f] for the rows of a [rows, F] row-major matrix, zero past the
-// last row: the streamed operand (x or dy) as batch tiles whose columns are contiguous panels.
-template <typename T, int MR>
-void pack_batch_tiles(const T* src, int64_t rows, int64_t F, T* dst) {
-  at::parallel_for(0, cdiv(rows, MR), grain_for(F * MR), [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      T* d = dst + t * F * MR;
-      const int mr = static_cast<int>(std::min<int64_t>(MR, rows - t * MR));
-      const T* s = src + t * MR * F;
-      if (mr == MR) {
-        for (int64_t f = 0; f < F; ++f, d += MR)
-          for (int m = 0; m < MR; ++m) d[m] = s[m * F + f];
-      } else {
-        for (int64_t f = 0; f < F; ++f, d += MR)
-          for (int m = 0; m < MR; ++m) d[m] = m < mr ? s[m * F + f] : T(0);
-      }
-    }
-  });
-}
-
-// pack_batch_tiles for a tile height known at run time (the active ISA's mr).
+// dst[t][f][m] = src[t*mr + m][f] for the rows of a [rows, F] row-major matrix, zero past the
+// last row: the streamed operand (x or dy) as batch tiles whose columns are contiguous panels,
+// mr the active tile height.
 template <typename T>
-void pack_batch_tiles(const T* src, int64_t rows, int64_t F, T* dst, int mr) {
-  switch (mr) {
-    case 6: return pack_batch_tiles<T, 6>(src, rows, F, dst);
-    case 8: return pack_batch_tiles<T, 8>(src, rows, F, dst);
-    case 12: return pack_batch_tiles<T, 12>(src, rows, F, dst);
-    default: TORCH_CHECK(false, "pack_batch_tiles: no instance for tile height ", mr);
-  }
+void pack_batch_tiles(const Kernels<T>& ks, const T* src, int64_t rows, int64_t F, T* dst) {
+  const int MR = ks.mr;
+  at::parallel_for(0, cdiv(rows, MR), grain_for(F * MR), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      ks.pack_rows(src + t * MR * F, F, std::min<int64_t>(MR, rows - t * MR), F, dst + t * F * MR);
+  });
 }
 
 // A K-segment of a row (column) task: `k` consecutive columns of the streamed operand from
@@ -234,20 +216,19 @@ void for_each_group(int64_t p0, int64_t p1, Extent extent, Make make, std::vecto
   fn(segs, K, first, true);
 }
 
-// out[m*ldc + n] (=|+=) tile[m][n] (+ bias[n]) for m < mr, n < nv.
+// out[m*ldc + n] = tile[m][n] (+ bias[n]) for m < mr, n < nv, through the caches.
 template <typename T>
-void store_tile(const T* tile, int mr, int NR, int64_t nv, T* out, int64_t ldc, bool accumulate, const T* bias) {
+void store_tile(const T* tile, int mr, int NR, int64_t nv, T* out, int64_t ldc, const T* bias) {
   for (int m = 0; m < mr; ++m) {
     T* o = out + m * ldc;
     const T* t = tile + m * NR;
-    if (accumulate)
-      for (int64_t n = 0; n < nv; ++n) o[n] += t[n];
-    else
-      for (int64_t n = 0; n < nv; ++n) o[n] = t[n];
-    if (bias)
-      for (int64_t n = 0; n < nv; ++n) o[n] += bias[n];
+    for (int64_t n = 0; n < nv; ++n) o[n] = bias ? t[n] + bias[n] : t[n];
   }
 }
+
+// Outputs at least this large are written with non-temporal stores (Kernels::store_rows): they
+// do not fit the caches, and streaming saves reading each line before it is overwritten.
+constexpr int64_t kStreamBytes = int64_t{8} << 20;
 
 template <typename T>
 void fill_rows(T* out, int64_t ldc, int64_t b0, int64_t b1, int64_t nv, const T* bias) {
@@ -300,6 +281,9 @@ void lines_part(int64_t n, int64_t bytes, BlockPtr block, int64_t part, int64_t 
 // (p0, p1, extent, make) for for_each_group; `pack_b(segs, K, nv, bpack)` packs the group's
 // blocks as [nq][K][NR], columns past nv zero; the tile shape is that of `ks`. `lines(g, part,
 // nparts, out)` appends a part of the cache lines of slice g's blocks (lines_part).
+// A task's output tiles accumulate in a contiguous panel of its own across the K groups (the
+// micro-kernel continues each entry's chain, load_c) and are written to `out` once, after the
+// last group.
 template <typename T, typename Blocks, typename PackB, typename Lines>
 void slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, T* out, int64_t ldc, int64_t n_groups,
                 int64_t side, int64_t out_cols, const T* bias, int64_t work, Blocks blocks, PackB pack_b,
@@ -308,23 +292,29 @@ void slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, T* out, 
   const int64_t nq = cdiv(side, NR), nbt = cdiv(B, MR);
   at::Tensor ap_t = pooled_empty({nbt * F * MR}, c10::CppTypeToScalarType<T>::value);
   T* ap = ap_t.data_ptr<T>();
-  pack_batch_tiles(a, B, F, ap, MR);
+  pack_batch_tiles(ks, a, B, F, ap);
   const int64_t tiles_per_task = cdiv(nbt, batch_chunks(n_groups, nbt));
   const int64_t nch = cdiv(nbt, tiles_per_task);
+  const bool stream = B * ldc * int64_t{sizeof(T)} >= kStreamBytes;
+  constexpr int64_t kAlign = 64 / sizeof(T);
   struct Scratch {
-    std::vector<T> bpack;
+    std::vector<T> bpack, cbuf;
     std::vector<int64_t> offs, ks;
     std::vector<Seg<T>> segs;
     std::vector<const void*> pf;
   };
   // a group holds at most kKMax K entries (more than F where trusted index lists repeat a block)
-  auto init = [&] { return Scratch{std::vector<T>(nq * kKMax * NR), {}, {}, {}, {}}; };
+  auto init = [&] {
+    return Scratch{std::vector<T>(nq * kKMax * NR), std::vector<T>(tiles_per_task * nq * MR * NR + kAlign), {}, {}, {},
+                   {}};
+  };
   parallel_dynamic(n_groups * nch, work, init, [&](Scratch& st, int64_t u0, int64_t u1) {
     std::vector<T>& bpack = st.bpack;
     std::vector<int64_t>& offs = st.offs;
     std::vector<int64_t>& kk = st.ks;
     std::vector<const void*>& pf = st.pf;
-    alignas(64) T tile[kMaxTileBytes / sizeof(T)];
+    T* cpanel = st.cbuf.data();  // [bt - bt0][q][MR][NR], 64-byte aligned
+    cpanel += (kAlign - reinterpret_cast<uintptr_t>(cpanel) / sizeof(T) % kAlign) % kAlign;
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t g = u / nch, bt0 = (u % nch) * tiles_per_task, bt1 = std::min(nbt, bt0 + tiles_per_task);
       const int64_t nv = std::min(side, out_cols - g * side);  // in-range outputs of this slice
@@ -359,15 +349,23 @@ void slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, T* out, 
             const int mr = static_cast<int>(std::min<int64_t>(MR, B - bt * MR));
             pf.clear();
             if (first && g_next >= 0) lines(g_next, (bt - bt0) * nq + q, nparts, pf);
+            T* c = cpanel + ((bt - bt0) * nq + q) * MR * NR;
             ks.tile[mr](ap + bt * F * MR, offs.data(), kk.data(), static_cast<int>(offs.size()),
-                        bpack.data() + q * K * NR, tile, pf.data(), static_cast<int>(pf.size()));
-            store_tile(tile, mr, NR, std::min<int64_t>(NR, nv - q * NR), o + bt * MR * ldc + q * NR, ldc, !first,
-                       (last && bias_g) ? bias_g + q * NR : nullptr);
+                        bpack.data() + q * K * NR, c, !first, pf.data(), static_cast<int>(pf.size()));
+            if (!last) continue;
+            const int64_t nvq = std::min<int64_t>(NR, nv - q * NR);
+            T* oq = o + bt * MR * ldc + q * NR;
+            const T* bq = bias_g ? bias_g + q * NR : nullptr;
+            if (stream)
+              ks.store_rows(c, mr, nvq, oq, ldc, bq);
+            else
+              store_tile(c, mr, NR, nvq, oq, ldc, bq);
           }
         }
       };
       for_each_group<T>(p0, p1, std::get<2>(range), std::get<3>(range), st.segs, group);
     }
+    if (stream) store_fence();
   });
 }
 
@@ -514,7 +512,7 @@ void grad_weight_narrow_kernel(const Kernels<T>& ks, const T* dy, const T* x, co
         const int mr = static_cast<int>(std::min<int64_t>(MR, BR - t * MR));
         for (int64_t q = 0; q < nqr; ++q) {
           // no prefetch list: the gathered panels were just written and sit in cache
-          ks.tile[mr](st.apack.data() + t * B * MR, &zero, &B, 1, st.xg.data() + q * B * NR, tile, nullptr, 0);
+          ks.tile[mr](st.apack.data() + t * B * MR, &zero, &B, 1, st.xg.data() + q * B * NR, tile, false, nullptr, 0);
           for (int64_t n = 0, nv = std::min<int64_t>(NR, L - q * NR); n < nv; ++n) {
             const int64_t c = q * NR + n, p = p0 + c / BC, off = (t * MR) * BC + c % BC;
             const bool* mk = patterns ? patterns + mask_ids[p] * blk + off : nullptr;
@@ -615,20 +613,12 @@ void grad_input_kernel(const T* dy, const T* w, const int32_t* ccol, const int32
   };
   auto blocks = [=](int64_t j) { return std::make_tuple(int64_t{ccol[j]}, int64_t{ccol[j + 1]}, extent, make); };
   // B[q][k][n] = W[k][q*NR + n]: rows of the group's blocks, columns past nv zero.
-  auto pack_b = [=](const std::vector<Seg<T>>& sg, int64_t K, int64_t nv, T* bp) {
+  auto pack_b = [=, &ks](const std::vector<Seg<T>>& sg, int64_t K, int64_t nv, T* bp) {
     int64_t koff = 0;
     for (size_t s = 0; s < sg.size(); ++s) {
       if (s + 1 < sg.size()) prefetch_rows(sg[s + 1].w, sg[s + 1].k, BC, nv);
-      for (int64_t q = 0; q < nq; ++q) {
-        const int64_t n_in = std::min<int64_t>(NR, nv - q * NR);
-        T* dst = bp + (q * K + koff) * NR;
-        for (int64_t k = 0; k < sg[s].k; ++k, dst += NR) {
-          const T* src = sg[s].w + k * BC + q * NR;
-          int64_t n = 0;
-          for (; n < n_in; ++n) dst[n] = src[n];
-          for (; n < NR; ++n) dst[n] = T(0);
-        }
-      }
+      for (int64_t q = 0; q < nq; ++q)
+        ks.pack_copy(sg[s].w + q * NR, BC, sg[s].k, std::min<int64_t>(NR, nv - q * NR), bp + (q * K + koff) * NR);
       koff += sg[s].k;
     }
   };
@@ -662,16 +652,9 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
       const int64_t b1 = std::min(B, b0 + kRows);
       for (int64_t j = 0; j < nbc; ++j) {
         const int64_t cols = std::min(BC, N - j * BC);
-        for (int64_t q = 0; q < nq; ++q) {
-          T* dst = xp + ((j * nq + q) * B + b0) * NR;
-          const int64_t nv = std::min<int64_t>(NR, cols - q * NR);
-          for (int64_t b = b0; b < b1; ++b, dst += NR) {
-            const T* src = x + b * N + j * BC + q * NR;
-            int64_t n = 0;
-            for (; n < nv; ++n) dst[n] = src[n];
-            for (; n < NR; ++n) dst[n] = T(0);
-          }
-        }
+        for (int64_t q = 0; q < nq; ++q)
+          ks.pack_copy(x + b0 * N + j * BC + q * NR, N, b1 - b0, std::min<int64_t>(NR, cols - q * NR),
+                       xp + ((j * nq + q) * B + b0) * NR);
       }
     }
   });
@@ -708,7 +691,7 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
           if (pf_row >= 0)
             lines_part(B, std::min(BR, M - pf_row * BR) * int64_t{sizeof(T)},
                        [=](int64_t b) { return dy + b * M + pf_row * BR; }, pf_part++, pf_parts, st.pf);
-          ks.tile[mr](ap + t * B * MR, &zero, &B, 1, xp + (j * nq + q) * B * NR, tile, st.pf.data(),
+          ks.tile[mr](ap + t * B * MR, &zero, &B, 1, xp + (j * nq + q) * B * NR, tile, false, st.pf.data(),
                       static_cast<int>(st.pf.size()));
           const int64_t nv = std::min<int64_t>(NR, BC - q * NR);
           if (mask) {
@@ -718,7 +701,7 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
                 if (!mk[n]) tile[m * NR + n] = T(0);  // exactly 0, even for NaN inputs
             }
           }
-          ks.store_rows(tile, mr, nv, out + t * MR * BC + q * NR, BC);
+          ks.store_rows(tile, mr, nv, out + t * MR * BC + q * NR, BC, nullptr);
         }
       }
     }

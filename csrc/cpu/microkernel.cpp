@@ -35,9 +35,12 @@ static_assert(kMR512 <= kMaxMR && kMR512 * 128 <= kMaxTileBytes, "tile bounds in
 
 // ------------------------------------------------------------------------------ portable
 template <typename T, int PMR, int NR, int MR>
-void micro_generic(const T* A0, const int64_t* a_off, const int64_t* a_k, int nseg, const T* B, T* C,
+void micro_generic(const T* A0, const int64_t* a_off, const int64_t* a_k, int nseg, const T* B, T* C, bool load_c,
                    const void* const*, int) {
   T acc[MR][NR] = {};
+  if (load_c)
+    for (int m = 0; m < MR; ++m)
+      for (int n = 0; n < NR; ++n) acc[m][n] = C[m * NR + n];
   for (int s = 0; s < nseg; ++s) {
     const T* A = A0 + a_off[s];
     for (int64_t k = 0; k < a_k[s]; ++k, A += PMR, B += NR) {
@@ -68,23 +71,43 @@ void pack_transposed_portable(const T* src, int64_t ld, int64_t rows, int64_t K,
 }
 
 template <typename T, int NR>
-void store_rows_portable(const T* tile, int rows, int64_t nv, T* out, int64_t ld) {
+void store_rows_portable(const T* tile, int rows, int64_t nv, T* out, int64_t ld, const T* bias) {
   for (int m = 0; m < rows; ++m) {
     T* o = out + m * ld;
     const T* t = tile + m * NR;
-    for (int64_t n = 0; n < nv; ++n) o[n] = t[n];
+    for (int64_t n = 0; n < nv; ++n) o[n] = bias ? t[n] + bias[n] : t[n];
   }
+}
+
+template <typename T, int MR>
+void pack_rows_generic(const T* src, int64_t ld, int64_t rows, int64_t F, T* dst, int64_t f0) {
+  for (int64_t f = f0; f < F; ++f)
+    for (int m = 0; m < MR; ++m) dst[f * MR + m] = m < rows ? src[m * ld + f] : T(0);
+}
+
+template <typename T, int NR>
+void pack_copy_portable(const T* src, int64_t ld, int64_t K, int64_t cols, T* dst) {
+  for (int64_t k = 0; k < K; ++k, src += ld, dst += NR)
+    for (int n = 0; n < NR; ++n) dst[n] = n < cols ? src[n] : T(0);
+}
+
+template <typename T, int MR>
+void pack_rows_portable(const T* src, int64_t ld, int64_t rows, int64_t F, T* dst) {
+  pack_rows_generic<T, MR>(src, ld, rows, F, dst, 0);
 }
 
 #ifdef EFCN_HAVE_SIMD_PATHS
 // ------------------------------------------------------------------------------ AVX2 + FMA
 template <int MR>
 __attribute__((target("avx2,fma"))) void micro_avx2_f32(const float* A0, const int64_t* a_off, const int64_t* a_k,
-                                                        int nseg, const float* B, float* C,
+                                                        int nseg, const float* B, float* C, bool load_c,
                                                         const void* const* pf, int npf) {
   __m256 c0[MR], c1[MR];
 #pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m) c0[m] = c1[m] = _mm256_setzero_ps();
+  for (int m = 0; m < MR; ++m) {
+    c0[m] = load_c ? _mm256_loadu_ps(C + m * 16) : _mm256_setzero_ps();
+    c1[m] = load_c ? _mm256_loadu_ps(C + m * 16 + 8) : _mm256_setzero_ps();
+  }
   for (int s = 0; s < nseg; ++s) {
     const float* A = A0 + a_off[s];
     for (int64_t k = a_k[s]; k > 0; --k, A += kMR256, B += 16) {
@@ -111,11 +134,14 @@ __attribute__((target("avx2,fma"))) void micro_avx2_f32(const float* A0, const i
 
 template <int MR>
 __attribute__((target("avx2,fma"))) void micro_avx2_f64(const double* A0, const int64_t* a_off, const int64_t* a_k,
-                                                        int nseg, const double* B, double* C,
+                                                        int nseg, const double* B, double* C, bool load_c,
                                                         const void* const* pf, int npf) {
   __m256d c0[MR], c1[MR];
 #pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m) c0[m] = c1[m] = _mm256_setzero_pd();
+  for (int m = 0; m < MR; ++m) {
+    c0[m] = load_c ? _mm256_loadu_pd(C + m * 8) : _mm256_setzero_pd();
+    c1[m] = load_c ? _mm256_loadu_pd(C + m * 8 + 4) : _mm256_setzero_pd();
+  }
   for (int s = 0; s < nseg; ++s) {
     const double* A = A0 + a_off[s];
     for (int64_t k = a_k[s]; k > 0; --k, A += kMR256, B += 8) {
@@ -188,12 +214,15 @@ struct Zmm<double> {
 // MR rows x two zmm registers; the A entries broadcast from memory.
 template <typename T, int MR>
 __attribute__((target("avx512f"))) void micro_avx512(const T* A0, const int64_t* a_off, const int64_t* a_k, int nseg,
-                                                     const T* B, T* C, const void* const* pf, int npf) {
+                                                     const T* B, T* C, bool load_c, const void* const* pf, int npf) {
   using Z = Zmm<T>;
   constexpr int L = Z::kLanes;
   typename Z::V c0[MR], c1[MR];
 #pragma GCC unroll 12
-  for (int m = 0; m < MR; ++m) c0[m] = c1[m] = Z::zero();
+  for (int m = 0; m < MR; ++m) {
+    c0[m] = load_c ? Z::load(C + m * 2 * L) : Z::zero();
+    c1[m] = load_c ? Z::load(C + m * 2 * L + L) : Z::zero();
+  }
   for (int s = 0; s < nseg; ++s) {
     const T* A = A0 + a_off[s];
     for (int64_t k = a_k[s]; k > 0; --k, A += kMR512, B += 2 * L) {
@@ -322,26 +351,98 @@ void pack_transposed_simd(const T* src, int64_t ld, int64_t rows, int64_t K, T* 
   pack_transposed_generic<T, NR>(src, ld, rows, K, dst, k0);
 }
 
-// A whole tile row (NR * sizeof(T) bytes, a multiple of 64) streamed to a 32-byte aligned dst.
+// The batch tile's rows transposed 8 (float) / 4 (double) columns at a time where the tile is
+// whole and mr allows; returns the first column left to the scalar loop.
+template <int MR>
+__attribute__((target("avx2"))) int64_t pack_rows_simd_part(const float* src, int64_t ld, int64_t rows, int64_t F,
+                                                             float* dst) {
+  if (MR % 8 != 0 || rows != MR) return 0;
+  int64_t f = 0;
+  for (; f + 8 <= F; f += 8)
+    for (int h = 0; h < MR / 8; ++h) transpose8x8(src + h * 8 * ld + f, ld, dst + f * MR + h * 8, MR);
+  return f;
+}
+
+template <int MR>
+__attribute__((target("avx2"))) int64_t pack_rows_simd_part(const double* src, int64_t ld, int64_t rows, int64_t F,
+                                                             double* dst) {
+  if (MR % 4 != 0 || rows != MR) return 0;
+  int64_t f = 0;
+  for (; f + 4 <= F; f += 4)
+    for (int h = 0; h < MR / 4; ++h) transpose4x4(src + h * 4 * ld + f, ld, dst + f * MR + h * 4, MR);
+  return f;
+}
+
+template <typename T, int MR>
+void pack_rows_simd(const T* src, int64_t ld, int64_t rows, int64_t F, T* dst) {
+  pack_rows_generic<T, MR>(src, ld, rows, F, dst, pack_rows_simd_part<MR>(src, ld, rows, F, dst));
+}
+
+// AVX2: NR / (32 bytes) masked loads per row.
 template <int NR>
-__attribute__((target("avx2"))) void stream_row(const float* src, float* dst) {
-  for (int n = 0; n < NR; n += 8) _mm256_stream_ps(dst + n, _mm256_load_ps(src + n));
+__attribute__((target("avx2"))) void pack_copy_avx2(const float* src, int64_t ld, int64_t K, int64_t cols,
+                                                    float* dst) {
+  __m256i mask[NR / 8];
+  for (int h = 0; h < NR / 8; ++h)
+    mask[h] = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(cols) - 8 * h),
+                                 _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  for (int64_t k = 0; k < K; ++k, src += ld, dst += NR)
+    for (int h = 0; h < NR / 8; ++h) _mm256_storeu_ps(dst + 8 * h, _mm256_maskload_ps(src + 8 * h, mask[h]));
 }
 
 template <int NR>
-__attribute__((target("avx2"))) void stream_row(const double* src, double* dst) {
-  for (int n = 0; n < NR; n += 4) _mm256_stream_pd(dst + n, _mm256_load_pd(src + n));
+__attribute__((target("avx2"))) void pack_copy_avx2(const double* src, int64_t ld, int64_t K, int64_t cols,
+                                                    double* dst) {
+  __m256i mask[NR / 4];
+  for (int h = 0; h < NR / 4; ++h)
+    mask[h] = _mm256_cmpgt_epi64(_mm256_set1_epi64x(cols - 4 * h), _mm256_setr_epi64x(0, 1, 2, 3));
+  for (int64_t k = 0; k < K; ++k, src += ld, dst += NR)
+    for (int h = 0; h < NR / 4; ++h) _mm256_storeu_pd(dst + 4 * h, _mm256_maskload_pd(src + 4 * h, mask[h]));
+}
+
+template <typename T>
+using PackCopy = void (*)(const T*, int64_t, int64_t, int64_t, T*);
+
+// AVX-512: two masked zmm loads per row (NR = 2 registers).
+template <typename T>
+__attribute__((target("avx512f"))) void pack_copy_avx512(const T* src, int64_t ld, int64_t K, int64_t cols, T* dst) {
+  using Z = Zmm<T>;
+  constexpr int L = Z::kLanes;
+  const auto lanes = [](int64_t c) { return c >= L ? (1u << L) - 1 : c <= 0 ? 0u : (1u << c) - 1; };
+  const unsigned m0 = lanes(cols), m1 = lanes(cols - L);
+  for (int64_t k = 0; k < K; ++k, src += ld, dst += 2 * L) {
+    Z::store(dst, Z::load(m0, src));
+    Z::store(dst + L, Z::load(m1, src + L));
+  }
+}
+
+// A whole tile row (NR * sizeof(T) bytes, a multiple of 64) streamed to a 32-byte aligned dst,
+// plus bias (unaligned) where not null.
+template <int NR>
+__attribute__((target("avx2"))) void stream_row(const float* src, float* dst, const float* bias) {
+  for (int n = 0; n < NR; n += 8) {
+    const __m256 v = _mm256_load_ps(src + n);
+    _mm256_stream_ps(dst + n, bias ? _mm256_add_ps(v, _mm256_loadu_ps(bias + n)) : v);
+  }
+}
+
+template <int NR>
+__attribute__((target("avx2"))) void stream_row(const double* src, double* dst, const double* bias) {
+  for (int n = 0; n < NR; n += 4) {
+    const __m256d v = _mm256_load_pd(src + n);
+    _mm256_stream_pd(dst + n, bias ? _mm256_add_pd(v, _mm256_loadu_pd(bias + n)) : v);
+  }
 }
 
 template <typename T, int NR>
-void store_rows_simd(const T* tile, int rows, int64_t nv, T* out, int64_t ld) {
+void store_rows_simd(const T* tile, int rows, int64_t nv, T* out, int64_t ld, const T* bias) {
   for (int m = 0; m < rows; ++m) {
     T* o = out + m * ld;
     const T* t = tile + m * NR;
     if (nv == NR && reinterpret_cast<uintptr_t>(o) % 32 == 0 && reinterpret_cast<uintptr_t>(t) % 32 == 0) {
-      stream_row<NR>(t, o);
+      stream_row<NR>(t, o, bias);
     } else {
-      for (int64_t n = 0; n < nv; ++n) o[n] = t[n];
+      for (int64_t n = 0; n < nv; ++n) o[n] = bias ? t[n] + bias[n] : t[n];
     }
   }
 }
@@ -361,9 +462,9 @@ Isa detect_isa() { return Isa::kGeneric; }
 template <typename T, int PMR, int NR>
 struct GenericOf {
   template <int MR>
-  static void fn(const T* A, const int64_t* o, const int64_t* k, int n, const T* B, T* C, const void* const* pf,
-                 int npf) {
-    micro_generic<T, PMR, NR, MR>(A, o, k, n, B, C, pf, npf);
+  static void fn(const T* A, const int64_t* o, const int64_t* k, int n, const T* B, T* C, bool lc,
+                 const void* const* pf, int npf) {
+    micro_generic<T, PMR, NR, MR>(A, o, k, n, B, C, lc, pf, npf);
   }
 };
 
@@ -376,7 +477,8 @@ void fill(MicroKernel<T>* table, std::integer_sequence<int, Ms...>) {
 template <typename T>
 Kernels<T> make_generic() {
   constexpr int NR = kNR256<T>;
-  Kernels<T> k{Isa::kGeneric, kMR256, NR, {}, &pack_transposed_portable<T, NR>, &store_rows_portable<T, NR>, nullptr};
+  Kernels<T> k{Isa::kGeneric, kMR256, NR, {}, &pack_transposed_portable<T, NR>, &store_rows_portable<T, NR>,
+               &pack_rows_portable<T, kMR256>, &pack_copy_portable<T, NR>, nullptr};
   fill<T, GenericOf<T, kMR256, NR>>(k.tile, std::make_integer_sequence<int, kMR256>{});
   return k;
 }
@@ -384,30 +486,31 @@ Kernels<T> make_generic() {
 #ifdef EFCN_HAVE_SIMD_PATHS
 struct Avx2F32 {
   template <int MR>
-  static void fn(const float* A, const int64_t* o, const int64_t* k, int n, const float* B, float* C,
+  static void fn(const float* A, const int64_t* o, const int64_t* k, int n, const float* B, float* C, bool lc,
                  const void* const* pf, int npf) {
-    micro_avx2_f32<MR>(A, o, k, n, B, C, pf, npf);
+    micro_avx2_f32<MR>(A, o, k, n, B, C, lc, pf, npf);
   }
 };
 struct Avx2F64 {
   template <int MR>
-  static void fn(const double* A, const int64_t* o, const int64_t* k, int n, const double* B, double* C,
+  static void fn(const double* A, const int64_t* o, const int64_t* k, int n, const double* B, double* C, bool lc,
                  const void* const* pf, int npf) {
-    micro_avx2_f64<MR>(A, o, k, n, B, C, pf, npf);
+    micro_avx2_f64<MR>(A, o, k, n, B, C, lc, pf, npf);
   }
 };
 template <typename T>
 struct Avx512 {
   template <int MR>
-  static void fn(const T* A, const int64_t* o, const int64_t* k, int n, const T* B, T* C, const void* const* pf,
-                 int npf) {
-    micro_avx512<T, MR>(A, o, k, n, B, C, pf, npf);
+  static void fn(const T* A, const int64_t* o, const int64_t* k, int n, const T* B, T* C, bool lc,
+                 const void* const* pf, int npf) {
+    micro_avx512<T, MR>(A, o, k, n, B, C, lc, pf, npf);
   }
 };
 
 template <typename T, typename Src, int MR, int NR>
 Kernels<T> make_simd(Isa isa) {
-  Kernels<T> k{isa, MR, NR, {}, &pack_transposed_simd<T, NR>, &store_rows_simd<T, NR>,
+  Kernels<T> k{isa, MR, NR, {}, &pack_transposed_simd<T, NR>, &store_rows_simd<T, NR>, &pack_rows_simd<T, MR>,
+               isa == Isa::kAvx512 ? &pack_copy_avx512<T> : static_cast<PackCopy<T>>(&pack_copy_avx2<NR>),
                isa == Isa::kAvx512 ? &gemv_avx512<T> : nullptr};
   fill<T, Src>(k.tile, std::make_integer_sequence<int, MR>{});
   return k;

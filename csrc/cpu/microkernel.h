@@ -5,12 +5,15 @@
 // packs its panels for that shape (Kernels<T>::mr, ::nr):
 //   A comes in segments (the blocks of a block row sit at different columns of x):
 //   segment s: A + a_off[s] is a [a_k[s]][mr] panel (only the first m of each mr-group read by
-//   tile[m]); B: [sum of a_k][nr], contiguous across segments; C: [mr][nr] (first m rows written).
+//   tile[m]); B: [sum of a_k][nr], contiguous across segments; C: [mr][nr] (first m rows written;
+//   with load_c, the accumulators start from them, so a product split over several calls along K
+//   continues one chain instead of adding partial sums).
 // The caller packs operands into these contiguous panels (which also removes the cache-set
 // aliasing of rows that are a power of two apart in x and dy) and runs its own epilogue.
 //
-// Each C entry is one chain of multiply-adds in ascending k (segments in order), so the result
-// does not depend on how the caller splits work between threads, nor on the tile shape. The
+// Each C entry is one chain of multiply-adds in ascending k (segments in order, calls in order
+// with load_c), so the result does not depend on how the caller splits work between threads or
+// along K, nor on the tile shape. The
 // AVX2 and AVX-512 tile kernels both use fused multiply-adds, so they give the same bits (the
 // AVX-512 matrix-vector forward for batch <= 2 sums in another order); the
 // portable kernel (no FMA contraction guaranteed) may differ in the last bits. Which ISA runs:
@@ -45,7 +48,7 @@ constexpr int kMaxTileBytes = kMaxMR * 128;  // most bytes of one mr x nr tile
 // stalling a burst of prefetches (the portable kernel ignores them).
 template <typename T>
 using MicroKernel = void (*)(const T* A, const int64_t* a_off, const int64_t* a_k, int nseg, const T* B, T* C,
-                             const void* const* pf, int npf);
+                             bool load_c, const void* const* pf, int npf);
 
 // The micro-kernels of one ISA for T, with the panel helpers that agree with its tile shape.
 template <typename T>
@@ -56,10 +59,17 @@ struct Kernels {
   // dst[k][n] = n < rows ? src[n * ld + k] : 0 for k < K, n < nr: nr rows of a row-major matrix
   // transposed into a B panel (vectorised 8x8 / 4x4 transposes on the SIMD ISAs).
   void (*pack_transposed)(const T* src, int64_t ld, int64_t rows, int64_t K, T* dst);
-  // out[m * ld + n] = tile[m][n] for m < rows, n < nv (tile rows nr apart), with non-temporal
-  // (cache-bypassing) stores where a row is whole and aligned (SIMD ISAs); store_fence() orders
-  // them before the data is used elsewhere.
-  void (*store_rows)(const T* tile, int rows, int64_t nv, T* out, int64_t ld);
+  // out[m * ld + n] = tile[m][n] (+ bias[n] where bias is not null) for m < rows, n < nv (tile
+  // rows nr apart), with non-temporal (cache-bypassing) stores where a row is whole and aligned
+  // (SIMD ISAs); store_fence() orders them before the data is used elsewhere.
+  void (*store_rows)(const T* tile, int rows, int64_t nv, T* out, int64_t ld, const T* bias);
+  // dst[f][m] = m < rows ? src[m * ld + f] : 0 for f < F, m < mr: one batch tile of a row-major
+  // [rows, F] operand (rows <= mr) as the A panel the tile kernels read (vectorised where mr
+  // allows 8x8 / 4x4 transposes).
+  void (*pack_rows)(const T* src, int64_t ld, int64_t rows, int64_t F, T* dst);
+  // dst[k][n] = n < cols ? src[k * ld + n] : 0 for k < K, n < nr: K rows of cols <= nr entries
+  // copied into a B panel (masked vector loads on the SIMD ISAs).
+  void (*pack_copy)(const T* src, int64_t ld, int64_t K, int64_t cols, T* dst);
   // out[r] = sum over segments s of sum_{k < len[s]} w[s][r * ldw + k] * x[s][k], for r < rows: a
   // matrix-vector product over the blocks of a block row (the forward at batch 1, which streams the
   // weights once and should not transpose them). Per row: lane-wise sums in ascending k, then a
