@@ -350,8 +350,10 @@ void slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, T* out, 
             pf.clear();
             if (first && g_next >= 0) lines(g_next, (bt - bt0) * nq + q, nparts, pf);
             T* c = cpanel + ((bt - bt0) * nq + q) * MR * NR;
+            // the next call's batch tile: the next one, or back to the first for the next panel
+            const T* next_a = bt + 1 < bt1 ? ap + (bt + 1) * F * MR : q + 1 < nq ? ap + bt0 * F * MR : nullptr;
             ks.tile[mr](ap + bt * F * MR, offs.data(), kk.data(), static_cast<int>(offs.size()),
-                        bpack.data() + q * K * NR, c, !first, pf.data(), static_cast<int>(pf.size()));
+                        bpack.data() + q * K * NR, c, !first, Prefetch<T>{next_a, pf.data(), static_cast<int>(pf.size())});
             if (!last) continue;
             const int64_t nvq = std::min<int64_t>(NR, nv - q * NR);
             T* oq = o + bt * MR * ldc + q * NR;
@@ -511,8 +513,8 @@ void grad_weight_narrow_kernel(const Kernels<T>& ks, const T* dy, const T* x, co
       for (int64_t t = 0; t < ntr; ++t) {
         const int mr = static_cast<int>(std::min<int64_t>(MR, BR - t * MR));
         for (int64_t q = 0; q < nqr; ++q) {
-          // no prefetch list: the gathered panels were just written and sit in cache
-          ks.tile[mr](st.apack.data() + t * B * MR, &zero, &B, 1, st.xg.data() + q * B * NR, tile, false, nullptr, 0);
+          // nothing to prefetch: the gathered panels were just written and sit in cache
+          ks.tile[mr](st.apack.data() + t * B * MR, &zero, &B, 1, st.xg.data() + q * B * NR, tile, false, Prefetch<T>{});
           for (int64_t n = 0, nv = std::min<int64_t>(NR, L - q * NR); n < nv; ++n) {
             const int64_t c = q * NR + n, p = p0 + c / BC, off = (t * MR) * BC + c % BC;
             const bool* mk = patterns ? patterns + mask_ids[p] * blk + off : nullptr;
@@ -691,8 +693,8 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
           if (pf_row >= 0)
             lines_part(B, std::min(BR, M - pf_row * BR) * int64_t{sizeof(T)},
                        [=](int64_t b) { return dy + b * M + pf_row * BR; }, pf_part++, pf_parts, st.pf);
-          ks.tile[mr](ap + t * B * MR, &zero, &B, 1, xp + (j * nq + q) * B * NR, tile, false, st.pf.data(),
-                      static_cast<int>(st.pf.size()));
+          ks.tile[mr](ap + t * B * MR, &zero, &B, 1, xp + (j * nq + q) * B * NR, tile, false,
+                      Prefetch<T>{nullptr, st.pf.data(), static_cast<int>(st.pf.size())});
           const int64_t nv = std::min<int64_t>(NR, BC - q * NR);
           if (mask) {
             for (int m = 0; m < mr; ++m) {

@@ -36,7 +36,7 @@ static_assert(kMR512 <= kMaxMR && kMR512 * 128 <= kMaxTileBytes, "tile bounds in
 // ------------------------------------------------------------------------------ portable
 template <typename T, int PMR, int NR, int MR>
 void micro_generic(const T* A0, const int64_t* a_off, const int64_t* a_k, int nseg, const T* B, T* C, bool load_c,
-                   const void* const*, int) {
+                   const Prefetch<T>&) {
   T acc[MR][NR] = {};
   if (load_c)
     for (int m = 0; m < MR; ++m)
@@ -97,11 +97,40 @@ void pack_rows_portable(const T* src, int64_t ld, int64_t rows, int64_t F, T* ds
 }
 
 #ifdef EFCN_HAVE_SIMD_PATHS
+// The SIMD kernels' side of Prefetch: an A-panel walk that asks for each line of the next
+// call's panel as this call reaches the same offset (k steps of `step` bytes), and a list of
+// lines handed out one every four k steps, the rest at the end.
+template <typename T, int MR>
+struct Fetcher {
+  static constexpr int kLineSteps = 64 / (MR * static_cast<int>(sizeof(T))) >= 2 ? 2 : 1;
+  const char* a = nullptr;
+  const void* const* lines;
+  int n;
+  explicit Fetcher(const Prefetch<T>& pf) : lines(pf.lines), n(pf.n) {}
+  void segment(const Prefetch<T>& pf, int64_t a_off) {
+    a = pf.next_a ? reinterpret_cast<const char*>(pf.next_a + a_off) : nullptr;
+  }
+  inline void step(int64_t k) {
+    if (a) {
+      if (k % kLineSteps == 0) _mm_prefetch(a, _MM_HINT_T0);
+      a += MR * sizeof(T);
+    }
+    if (n > 0 && (k & 3) == 0) {
+      _mm_prefetch(static_cast<const char*>(*lines++), _MM_HINT_T0);
+      --n;
+    }
+  }
+  void finish() {
+    for (; n > 0; --n) _mm_prefetch(static_cast<const char*>(*lines++), _MM_HINT_T0);
+  }
+};
+
 // ------------------------------------------------------------------------------ AVX2 + FMA
 template <int MR>
 __attribute__((target("avx2,fma"))) void micro_avx2_f32(const float* A0, const int64_t* a_off, const int64_t* a_k,
                                                         int nseg, const float* B, float* C, bool load_c,
-                                                        const void* const* pf, int npf) {
+                                                        const Prefetch<float>& pf) {
+  Fetcher<float, kMR256> fetch(pf);
   __m256 c0[MR], c1[MR];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) {
@@ -110,11 +139,9 @@ __attribute__((target("avx2,fma"))) void micro_avx2_f32(const float* A0, const i
   }
   for (int s = 0; s < nseg; ++s) {
     const float* A = A0 + a_off[s];
+    fetch.segment(pf, a_off[s]);
     for (int64_t k = a_k[s]; k > 0; --k, A += kMR256, B += 16) {
-      if (npf > 0 && (k & 3) == 0) {
-        _mm_prefetch(static_cast<const char*>(*pf++), _MM_HINT_T0);
-        --npf;
-      }
+      fetch.step(k);
       const __m256 b0 = _mm256_loadu_ps(B), b1 = _mm256_loadu_ps(B + 8);
 #pragma GCC unroll 8
       for (int m = 0; m < MR; ++m) {
@@ -124,7 +151,7 @@ __attribute__((target("avx2,fma"))) void micro_avx2_f32(const float* A0, const i
       }
     }
   }
-  for (; npf > 0; --npf) _mm_prefetch(static_cast<const char*>(*pf++), _MM_HINT_T0);
+  fetch.finish();
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) {
     _mm256_storeu_ps(C + m * 16, c0[m]);
@@ -135,7 +162,8 @@ __attribute__((target("avx2,fma"))) void micro_avx2_f32(const float* A0, const i
 template <int MR>
 __attribute__((target("avx2,fma"))) void micro_avx2_f64(const double* A0, const int64_t* a_off, const int64_t* a_k,
                                                         int nseg, const double* B, double* C, bool load_c,
-                                                        const void* const* pf, int npf) {
+                                                        const Prefetch<double>& pf) {
+  Fetcher<double, kMR256> fetch(pf);
   __m256d c0[MR], c1[MR];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) {
@@ -144,11 +172,9 @@ __attribute__((target("avx2,fma"))) void micro_avx2_f64(const double* A0, const 
   }
   for (int s = 0; s < nseg; ++s) {
     const double* A = A0 + a_off[s];
+    fetch.segment(pf, a_off[s]);
     for (int64_t k = a_k[s]; k > 0; --k, A += kMR256, B += 8) {
-      if (npf > 0 && (k & 3) == 0) {
-        _mm_prefetch(static_cast<const char*>(*pf++), _MM_HINT_T0);
-        --npf;
-      }
+      fetch.step(k);
       const __m256d b0 = _mm256_loadu_pd(B), b1 = _mm256_loadu_pd(B + 4);
 #pragma GCC unroll 8
       for (int m = 0; m < MR; ++m) {
@@ -158,7 +184,7 @@ __attribute__((target("avx2,fma"))) void micro_avx2_f64(const double* A0, const 
       }
     }
   }
-  for (; npf > 0; --npf) _mm_prefetch(static_cast<const char*>(*pf++), _MM_HINT_T0);
+  fetch.finish();
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) {
     _mm256_storeu_pd(C + m * 8, c0[m]);
@@ -214,7 +240,8 @@ struct Zmm<double> {
 // MR rows x two zmm registers; the A entries broadcast from memory.
 template <typename T, int MR>
 __attribute__((target("avx512f"))) void micro_avx512(const T* A0, const int64_t* a_off, const int64_t* a_k, int nseg,
-                                                     const T* B, T* C, bool load_c, const void* const* pf, int npf) {
+                                                     const T* B, T* C, bool load_c, const Prefetch<T>& pf) {
+  Fetcher<T, kMR512> fetch(pf);
   using Z = Zmm<T>;
   constexpr int L = Z::kLanes;
   typename Z::V c0[MR], c1[MR];
@@ -225,11 +252,9 @@ __attribute__((target("avx512f"))) void micro_avx512(const T* A0, const int64_t*
   }
   for (int s = 0; s < nseg; ++s) {
     const T* A = A0 + a_off[s];
+    fetch.segment(pf, a_off[s]);
     for (int64_t k = a_k[s]; k > 0; --k, A += kMR512, B += 2 * L) {
-      if (npf > 0 && (k & 3) == 0) {
-        _mm_prefetch(static_cast<const char*>(*pf++), _MM_HINT_T0);
-        --npf;
-      }
+      fetch.step(k);
       const auto b0 = Z::load(B), b1 = Z::load(B + L);
 #pragma GCC unroll 12
       for (int m = 0; m < MR; ++m) {
@@ -239,7 +264,7 @@ __attribute__((target("avx512f"))) void micro_avx512(const T* A0, const int64_t*
       }
     }
   }
-  for (; npf > 0; --npf) _mm_prefetch(static_cast<const char*>(*pf++), _MM_HINT_T0);
+  fetch.finish();
 #pragma GCC unroll 12
   for (int m = 0; m < MR; ++m) {
     Z::store(C + m * 2 * L, c0[m]);
@@ -463,8 +488,8 @@ template <typename T, int PMR, int NR>
 struct GenericOf {
   template <int MR>
   static void fn(const T* A, const int64_t* o, const int64_t* k, int n, const T* B, T* C, bool lc,
-                 const void* const* pf, int npf) {
-    micro_generic<T, PMR, NR, MR>(A, o, k, n, B, C, lc, pf, npf);
+                 const Prefetch<T>& pf) {
+    micro_generic<T, PMR, NR, MR>(A, o, k, n, B, C, lc, pf);
   }
 };
 
@@ -487,23 +512,23 @@ Kernels<T> make_generic() {
 struct Avx2F32 {
   template <int MR>
   static void fn(const float* A, const int64_t* o, const int64_t* k, int n, const float* B, float* C, bool lc,
-                 const void* const* pf, int npf) {
-    micro_avx2_f32<MR>(A, o, k, n, B, C, lc, pf, npf);
+                 const Prefetch<float>& pf) {
+    micro_avx2_f32<MR>(A, o, k, n, B, C, lc, pf);
   }
 };
 struct Avx2F64 {
   template <int MR>
   static void fn(const double* A, const int64_t* o, const int64_t* k, int n, const double* B, double* C, bool lc,
-                 const void* const* pf, int npf) {
-    micro_avx2_f64<MR>(A, o, k, n, B, C, lc, pf, npf);
+                 const Prefetch<double>& pf) {
+    micro_avx2_f64<MR>(A, o, k, n, B, C, lc, pf);
   }
 };
 template <typename T>
 struct Avx512 {
   template <int MR>
   static void fn(const T* A, const int64_t* o, const int64_t* k, int n, const T* B, T* C, bool lc,
-                 const void* const* pf, int npf) {
-    micro_avx512<T, MR>(A, o, k, n, B, C, lc, pf, npf);
+                 const Prefetch<T>& pf) {
+    micro_avx512<T, MR>(A, o, k, n, B, C, lc, pf);
   }
 };
 

@@ -43,12 +43,21 @@ enum class Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
 constexpr int kMaxMR = 12;        // most rows of a register tile, over all ISAs
 constexpr int kMaxTileBytes = kMaxMR * 128;  // most bytes of one mr x nr tile
 
-// pf[0..npf): cache lines the caller wants fetched for its next work; the SIMD kernels issue one
-// prefetch every few k steps, so that memory latency overlaps the multiply-adds instead of
-// stalling a burst of prefetches (the portable kernel ignores them).
+// What a micro-kernel call fetches for the caller's later work while it multiplies (the
+// portable kernel ignores it), so that memory latency overlaps the multiply-adds instead of
+// stalling the next call: next_a, the A panel base of the next call (its segments at this
+// call's offsets), walked line by line alongside A; lines[0..n), further cache lines (the next
+// slice's blocks), one every few k steps.
+template <typename T>
+struct Prefetch {
+  const T* next_a = nullptr;
+  const void* const* lines = nullptr;
+  int n = 0;
+};
+
 template <typename T>
 using MicroKernel = void (*)(const T* A, const int64_t* a_off, const int64_t* a_k, int nseg, const T* B, T* C,
-                             bool load_c, const void* const* pf, int npf);
+                             bool load_c, const Prefetch<T>& pf);
 
 // The micro-kernels of one ISA for T, with the panel helpers that agree with its tile shape.
 template <typename T>
