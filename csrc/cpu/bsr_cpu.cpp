@@ -164,15 +164,22 @@ const Kernels<T>& active_kernels() {
 }
 
 // ------------------------------------------------------------------------------ shared pieces
+// Outputs and packed operands at least this large are written with non-temporal stores
+// (Kernels::store_rows, ::pack_rows): they do not fit the caches, and streaming saves reading
+// each line before it is overwritten.
+constexpr int64_t kStreamBytes = int64_t{8} << 20;
+
 // dst[t][f][m] = src[t*mr + m][f] for the rows of a [rows, F] row-major matrix, zero past the
 // last row: the streamed operand (x or dy) as batch tiles whose columns are contiguous panels,
 // mr the active tile height.
 template <typename T>
 void pack_batch_tiles(const Kernels<T>& ks, const T* src, int64_t rows, int64_t F, T* dst) {
   const int MR = ks.mr;
+  const bool stream = cdiv(rows, MR) * MR * F * int64_t{sizeof(T)} >= kStreamBytes;
   at::parallel_for(0, cdiv(rows, MR), grain_for(F * MR), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
-      ks.pack_rows(src + t * MR * F, F, std::min<int64_t>(MR, rows - t * MR), F, dst + t * F * MR);
+      ks.pack_rows(src + t * MR * F, F, std::min<int64_t>(MR, rows - t * MR), F, dst + t * F * MR, stream);
+    if (stream) store_fence();
   });
 }
 
@@ -226,9 +233,6 @@ void store_tile(const T* tile, int mr, int NR, int64_t nv, T* out, int64_t ldc, 
   }
 }
 
-// Outputs at least this large are written with non-temporal stores (Kernels::store_rows): they
-// do not fit the caches, and streaming saves reading each line before it is overwritten.
-constexpr int64_t kStreamBytes = int64_t{8} << 20;
 
 template <typename T>
 void fill_rows(T* out, int64_t ldc, int64_t b0, int64_t b1, int64_t nv, const T* bias) {

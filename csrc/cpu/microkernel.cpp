@@ -92,7 +92,7 @@ void pack_copy_portable(const T* src, int64_t ld, int64_t K, int64_t cols, T* ds
 }
 
 template <typename T, int MR>
-void pack_rows_portable(const T* src, int64_t ld, int64_t rows, int64_t F, T* dst) {
+void pack_rows_portable(const T* src, int64_t ld, int64_t rows, int64_t F, T* dst, bool) {
   pack_rows_generic<T, MR>(src, ld, rows, F, dst, 0);
 }
 
@@ -315,7 +315,18 @@ void gemv_avx512(const T* const* w, const T* const* x, const int64_t* len, int n
 }
 
 // ------------------------------------------------------------------------------ SIMD panel helpers
+// A 32-byte store, non-temporal (dst 32-byte aligned) where NT.
+template <bool NT>
+__attribute__((target("avx2"))) inline void store8(float* d, __m256 v) {
+  if constexpr (NT) _mm256_stream_ps(d, v); else _mm256_storeu_ps(d, v);
+}
+template <bool NT>
+__attribute__((target("avx2"))) inline void store8(double* d, __m256d v) {
+  if constexpr (NT) _mm256_stream_pd(d, v); else _mm256_storeu_pd(d, v);
+}
+
 // 8 rows x 8 columns of src (leading dim ld) transposed into dst (leading dim ldd).
+template <bool NT = false>
 __attribute__((target("avx2"))) inline void transpose8x8(const float* s, int64_t ld, float* d, int64_t ldd) {
   __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + ld), r2 = _mm256_loadu_ps(s + 2 * ld),
          r3 = _mm256_loadu_ps(s + 3 * ld), r4 = _mm256_loadu_ps(s + 4 * ld), r5 = _mm256_loadu_ps(s + 5 * ld),
@@ -331,26 +342,27 @@ __attribute__((target("avx2"))) inline void transpose8x8(const float* s, int64_t
   r5 = _mm256_shuffle_ps(t4, t6, 0xEE);
   r6 = _mm256_shuffle_ps(t5, t7, 0x44);
   r7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  _mm256_storeu_ps(d + 0 * ldd, _mm256_permute2f128_ps(r0, r4, 0x20));
-  _mm256_storeu_ps(d + 1 * ldd, _mm256_permute2f128_ps(r1, r5, 0x20));
-  _mm256_storeu_ps(d + 2 * ldd, _mm256_permute2f128_ps(r2, r6, 0x20));
-  _mm256_storeu_ps(d + 3 * ldd, _mm256_permute2f128_ps(r3, r7, 0x20));
-  _mm256_storeu_ps(d + 4 * ldd, _mm256_permute2f128_ps(r0, r4, 0x31));
-  _mm256_storeu_ps(d + 5 * ldd, _mm256_permute2f128_ps(r1, r5, 0x31));
-  _mm256_storeu_ps(d + 6 * ldd, _mm256_permute2f128_ps(r2, r6, 0x31));
-  _mm256_storeu_ps(d + 7 * ldd, _mm256_permute2f128_ps(r3, r7, 0x31));
+  store8<NT>(d + 0 * ldd, _mm256_permute2f128_ps(r0, r4, 0x20));
+  store8<NT>(d + 1 * ldd, _mm256_permute2f128_ps(r1, r5, 0x20));
+  store8<NT>(d + 2 * ldd, _mm256_permute2f128_ps(r2, r6, 0x20));
+  store8<NT>(d + 3 * ldd, _mm256_permute2f128_ps(r3, r7, 0x20));
+  store8<NT>(d + 4 * ldd, _mm256_permute2f128_ps(r0, r4, 0x31));
+  store8<NT>(d + 5 * ldd, _mm256_permute2f128_ps(r1, r5, 0x31));
+  store8<NT>(d + 6 * ldd, _mm256_permute2f128_ps(r2, r6, 0x31));
+  store8<NT>(d + 7 * ldd, _mm256_permute2f128_ps(r3, r7, 0x31));
 }
 
 // 4 rows x 4 columns, double.
+template <bool NT = false>
 __attribute__((target("avx2"))) inline void transpose4x4(const double* s, int64_t ld, double* d, int64_t ldd) {
   const __m256d r0 = _mm256_loadu_pd(s), r1 = _mm256_loadu_pd(s + ld), r2 = _mm256_loadu_pd(s + 2 * ld),
                 r3 = _mm256_loadu_pd(s + 3 * ld);
   const __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1), t2 = _mm256_unpacklo_pd(r2, r3),
                 t3 = _mm256_unpackhi_pd(r2, r3);
-  _mm256_storeu_pd(d + 0 * ldd, _mm256_permute2f128_pd(t0, t2, 0x20));
-  _mm256_storeu_pd(d + 1 * ldd, _mm256_permute2f128_pd(t1, t3, 0x20));
-  _mm256_storeu_pd(d + 2 * ldd, _mm256_permute2f128_pd(t0, t2, 0x31));
-  _mm256_storeu_pd(d + 3 * ldd, _mm256_permute2f128_pd(t1, t3, 0x31));
+  store8<NT>(d + 0 * ldd, _mm256_permute2f128_pd(t0, t2, 0x20));
+  store8<NT>(d + 1 * ldd, _mm256_permute2f128_pd(t1, t3, 0x20));
+  store8<NT>(d + 2 * ldd, _mm256_permute2f128_pd(t0, t2, 0x31));
+  store8<NT>(d + 3 * ldd, _mm256_permute2f128_pd(t1, t3, 0x31));
 }
 
 // The full-tile part of pack_transposed: NR rows, K rounded down to 8 (float) / 4 (double).
@@ -358,7 +370,7 @@ template <int NR>
 __attribute__((target("avx2"))) int64_t transpose_simd(const float* src, int64_t ld, int64_t K, float* dst) {
   int64_t k = 0;
   for (; k + 8 <= K; k += 8)
-    for (int h = 0; h < NR / 8; ++h) transpose8x8(src + h * 8 * ld + k, ld, dst + k * NR + h * 8, NR);
+    for (int h = 0; h < NR / 8; ++h) transpose8x8<false>(src + h * 8 * ld + k, ld, dst + k * NR + h * 8, NR);
   return k;
 }
 
@@ -366,7 +378,7 @@ template <int NR>
 __attribute__((target("avx2"))) int64_t transpose_simd(const double* src, int64_t ld, int64_t K, double* dst) {
   int64_t k = 0;
   for (; k + 4 <= K; k += 4)
-    for (int h = 0; h < NR / 4; ++h) transpose4x4(src + h * 4 * ld + k, ld, dst + k * NR + h * 4, NR);
+    for (int h = 0; h < NR / 4; ++h) transpose4x4<false>(src + h * 4 * ld + k, ld, dst + k * NR + h * 4, NR);
   return k;
 }
 
@@ -378,29 +390,33 @@ void pack_transposed_simd(const T* src, int64_t ld, int64_t rows, int64_t K, T* 
 
 // The batch tile's rows transposed 8 (float) / 4 (double) columns at a time where the tile is
 // whole and mr allows; returns the first column left to the scalar loop.
-template <int MR>
+template <int MR, bool NT>
 __attribute__((target("avx2"))) int64_t pack_rows_simd_part(const float* src, int64_t ld, int64_t rows, int64_t F,
                                                              float* dst) {
   if (MR % 8 != 0 || rows != MR) return 0;
   int64_t f = 0;
   for (; f + 8 <= F; f += 8)
-    for (int h = 0; h < MR / 8; ++h) transpose8x8(src + h * 8 * ld + f, ld, dst + f * MR + h * 8, MR);
+    for (int h = 0; h < MR / 8; ++h) transpose8x8<NT>(src + h * 8 * ld + f, ld, dst + f * MR + h * 8, MR);
   return f;
 }
 
-template <int MR>
+template <int MR, bool NT>
 __attribute__((target("avx2"))) int64_t pack_rows_simd_part(const double* src, int64_t ld, int64_t rows, int64_t F,
                                                              double* dst) {
   if (MR % 4 != 0 || rows != MR) return 0;
   int64_t f = 0;
   for (; f + 4 <= F; f += 4)
-    for (int h = 0; h < MR / 4; ++h) transpose4x4(src + h * 4 * ld + f, ld, dst + f * MR + h * 4, MR);
+    for (int h = 0; h < MR / 4; ++h) transpose4x4<NT>(src + h * 4 * ld + f, ld, dst + f * MR + h * 4, MR);
   return f;
 }
 
 template <typename T, int MR>
-void pack_rows_simd(const T* src, int64_t ld, int64_t rows, int64_t F, T* dst) {
-  pack_rows_generic<T, MR>(src, ld, rows, F, dst, pack_rows_simd_part<MR>(src, ld, rows, F, dst));
+void pack_rows_simd(const T* src, int64_t ld, int64_t rows, int64_t F, T* dst, bool stream) {
+  // whole 32-byte stores land on 32-byte boundaries when dst is aligned (MR * sizeof(T) >= 32)
+  const bool nt = stream && reinterpret_cast<uintptr_t>(dst) % 32 == 0;
+  const int64_t f0 = nt ? pack_rows_simd_part<MR, true>(src, ld, rows, F, dst)
+                        : pack_rows_simd_part<MR, false>(src, ld, rows, F, dst);
+  pack_rows_generic<T, MR>(src, ld, rows, F, dst, f0);
 }
 
 // AVX2: NR / (32 bytes) masked loads per row.

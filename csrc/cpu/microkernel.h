@@ -74,8 +74,9 @@ struct Kernels {
   void (*store_rows)(const T* tile, int rows, int64_t nv, T* out, int64_t ld, const T* bias);
   // dst[f][m] = m < rows ? src[m * ld + f] : 0 for f < F, m < mr: one batch tile of a row-major
   // [rows, F] operand (rows <= mr) as the A panel the tile kernels read (vectorised where mr
-  // allows 8x8 / 4x4 transposes).
-  void (*pack_rows)(const T* src, int64_t ld, int64_t rows, int64_t F, T* dst);
+  // allows 8x8 / 4x4 transposes; with stream, non-temporal stores where dst is aligned: for
+  // packed operands larger than the caches, store_fence() before use).
+  void (*pack_rows)(const T* src, int64_t ld, int64_t rows, int64_t F, T* dst, bool stream);
   // dst[k][n] = n < cols ? src[k * ld + n] : 0 for k < K, n < nr: K rows of cols <= nr entries
   // copied into a B panel (masked vector loads on the SIMD ISAs).
   void (*pack_copy)(const T* src, int64_t ld, int64_t K, int64_t cols, T* dst);
