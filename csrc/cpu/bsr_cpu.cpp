@@ -624,7 +624,8 @@ void grad_input_kernel(const T* dy, const T* w, const int32_t* ccol, const int32
     for (size_t s = 0; s < sg.size(); ++s) {
       if (s + 1 < sg.size()) prefetch_rows(sg[s + 1].w, sg[s + 1].k, BC, nv);
       for (int64_t q = 0; q < nq; ++q)
-        ks.pack_copy(sg[s].w + q * NR, BC, sg[s].k, std::min<int64_t>(NR, nv - q * NR), bp + (q * K + koff) * NR);
+        ks.pack_copy(sg[s].w + q * NR, BC, sg[s].k, std::min<int64_t>(NR, nv - q * NR), bp + (q * K + koff) * NR,
+                     false);
       koff += sg[s].k;
     }
   };
@@ -652,6 +653,7 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
   const int64_t ntr = cdiv(BR, MR), nq = cdiv(BC, NR), blk = BR * BC, nbc = cdiv(N, BC);
   at::Tensor x_t = pooled_empty({nbc * nq * B * NR}, c10::CppTypeToScalarType<T>::value);
   T* xp = x_t.data_ptr<T>();
+  const bool stream = x_t.numel() * int64_t{sizeof(T)} >= kStreamBytes;
   constexpr int64_t kRows = 16;  // batch rows at a time: kRows sequential read streams, whole-line writes
   at::parallel_for(0, cdiv(B, kRows), grain_for(kRows * N), [&](int64_t c0, int64_t c1) {
     for (int64_t b0 = c0 * kRows; b0 < std::min(B, c1 * kRows); b0 += kRows) {
@@ -660,9 +662,10 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
         const int64_t cols = std::min(BC, N - j * BC);
         for (int64_t q = 0; q < nq; ++q)
           ks.pack_copy(x + b0 * N + j * BC + q * NR, N, b1 - b0, std::min<int64_t>(NR, cols - q * NR),
-                       xp + ((j * nq + q) * B + b0) * NR);
+                       xp + ((j * nq + q) * B + b0) * NR, stream);
       }
     }
+    if (stream) store_fence();
   });
   const int64_t zero = 0;
   struct Scratch {

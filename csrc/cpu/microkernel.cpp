@@ -86,7 +86,7 @@ void pack_rows_generic(const T* src, int64_t ld, int64_t rows, int64_t F, T* dst
 }
 
 template <typename T, int NR>
-void pack_copy_portable(const T* src, int64_t ld, int64_t K, int64_t cols, T* dst) {
+void pack_copy_portable(const T* src, int64_t ld, int64_t K, int64_t cols, T* dst, bool) {
   for (int64_t k = 0; k < K; ++k, src += ld, dst += NR)
     for (int n = 0; n < NR; ++n) dst[n] = n < cols ? src[n] : T(0);
 }
@@ -211,6 +211,7 @@ struct Zmm<float> {
   __attribute__((target("avx512f"))) static V load(const float* p) { return _mm512_loadu_ps(p); }
   __attribute__((target("avx512f"))) static V set1(float a) { return _mm512_set1_ps(a); }
   __attribute__((target("avx512f"))) static void store(float* p, V a) { _mm512_storeu_ps(p, a); }
+  __attribute__((target("avx512f"))) static void stream(float* p, V a) { _mm512_stream_ps(p, a); }
   __attribute__((target("avx512f"))) static V load(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
   __attribute__((target("avx512f"))) static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   __attribute__((target("avx512f"))) static float sum(V a) {
@@ -227,6 +228,7 @@ struct Zmm<double> {
   __attribute__((target("avx512f"))) static V load(const double* p) { return _mm512_loadu_pd(p); }
   __attribute__((target("avx512f"))) static V set1(double a) { return _mm512_set1_pd(a); }
   __attribute__((target("avx512f"))) static void store(double* p, V a) { _mm512_storeu_pd(p, a); }
+  __attribute__((target("avx512f"))) static void stream(double* p, V a) { _mm512_stream_pd(p, a); }
   __attribute__((target("avx512f"))) static V load(__mmask8 m, const double* p) { return _mm512_maskz_loadu_pd(m, p); }
   __attribute__((target("avx512f"))) static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
   __attribute__((target("avx512f"))) static double sum(V a) {
@@ -422,35 +424,51 @@ void pack_rows_simd(const T* src, int64_t ld, int64_t rows, int64_t F, T* dst, b
 // AVX2: NR / (32 bytes) masked loads per row.
 template <int NR>
 __attribute__((target("avx2"))) void pack_copy_avx2(const float* src, int64_t ld, int64_t K, int64_t cols,
-                                                    float* dst) {
+                                                    float* dst, bool stream) {
   __m256i mask[NR / 8];
   for (int h = 0; h < NR / 8; ++h)
     mask[h] = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(cols) - 8 * h),
                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const bool nt = stream && reinterpret_cast<uintptr_t>(dst) % 32 == 0;
   for (int64_t k = 0; k < K; ++k, src += ld, dst += NR)
-    for (int h = 0; h < NR / 8; ++h) _mm256_storeu_ps(dst + 8 * h, _mm256_maskload_ps(src + 8 * h, mask[h]));
+    for (int h = 0; h < NR / 8; ++h) {
+      const __m256 v = _mm256_maskload_ps(src + 8 * h, mask[h]);
+      nt ? store8<true>(dst + 8 * h, v) : store8<false>(dst + 8 * h, v);
+    }
 }
 
 template <int NR>
 __attribute__((target("avx2"))) void pack_copy_avx2(const double* src, int64_t ld, int64_t K, int64_t cols,
-                                                    double* dst) {
+                                                    double* dst, bool stream) {
   __m256i mask[NR / 4];
   for (int h = 0; h < NR / 4; ++h)
     mask[h] = _mm256_cmpgt_epi64(_mm256_set1_epi64x(cols - 4 * h), _mm256_setr_epi64x(0, 1, 2, 3));
+  const bool nt = stream && reinterpret_cast<uintptr_t>(dst) % 32 == 0;
   for (int64_t k = 0; k < K; ++k, src += ld, dst += NR)
-    for (int h = 0; h < NR / 4; ++h) _mm256_storeu_pd(dst + 4 * h, _mm256_maskload_pd(src + 4 * h, mask[h]));
+    for (int h = 0; h < NR / 4; ++h) {
+      const __m256d v = _mm256_maskload_pd(src + 4 * h, mask[h]);
+      nt ? store8<true>(dst + 4 * h, v) : store8<false>(dst + 4 * h, v);
+    }
 }
 
 template <typename T>
-using PackCopy = void (*)(const T*, int64_t, int64_t, int64_t, T*);
+using PackCopy = void (*)(const T*, int64_t, int64_t, int64_t, T*, bool);
 
 // AVX-512: two masked zmm loads per row (NR = 2 registers).
 template <typename T>
-__attribute__((target("avx512f"))) void pack_copy_avx512(const T* src, int64_t ld, int64_t K, int64_t cols, T* dst) {
+__attribute__((target("avx512f"))) void pack_copy_avx512(const T* src, int64_t ld, int64_t K, int64_t cols, T* dst,
+                                                         bool stream) {
   using Z = Zmm<T>;
   constexpr int L = Z::kLanes;
   const auto lanes = [](int64_t c) { return c >= L ? (1u << L) - 1 : c <= 0 ? 0u : (1u << c) - 1; };
   const unsigned m0 = lanes(cols), m1 = lanes(cols - L);
+  if (stream && reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
+    for (int64_t k = 0; k < K; ++k, src += ld, dst += 2 * L) {
+      Z::stream(dst, Z::load(m0, src));
+      Z::stream(dst + L, Z::load(m1, src + L));
+    }
+    return;
+  }
   for (int64_t k = 0; k < K; ++k, src += ld, dst += 2 * L) {
     Z::store(dst, Z::load(m0, src));
     Z::store(dst + L, Z::load(m1, src + L));

@@ -78,8 +78,8 @@ struct Kernels {
   // packed operands larger than the caches, store_fence() before use).
   void (*pack_rows)(const T* src, int64_t ld, int64_t rows, int64_t F, T* dst, bool stream);
   // dst[k][n] = n < cols ? src[k * ld + n] : 0 for k < K, n < nr: K rows of cols <= nr entries
-  // copied into a B panel (masked vector loads on the SIMD ISAs).
-  void (*pack_copy)(const T* src, int64_t ld, int64_t K, int64_t cols, T* dst);
+  // copied into a B panel (masked vector loads on the SIMD ISAs; stream as for pack_rows).
+  void (*pack_copy)(const T* src, int64_t ld, int64_t K, int64_t cols, T* dst, bool stream);
   // out[r] = sum over segments s of sum_{k < len[s]} w[s][r * ldw + k] * x[s][k], for r < rows: a
   // matrix-vector product over the blocks of a block row (the forward at batch 1, which streams the
   // weights once and should not transpose them). Per row: lane-wise sums in ascending k, then a
