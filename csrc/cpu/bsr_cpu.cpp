@@ -408,6 +408,25 @@ void pack_dy_row(const T* dy, int64_t B, int64_t M, int64_t i, int64_t BR, int M
   }
 }
 
+// dy's block rows as grad_weight's A panels, all at once: block row i's at dyp + i * ntr * B * MR
+// (as pack_dy_row would lay them out), by one pass that reads each row of dy in order: where
+// the ISA has it (Kernels::pack_chunks) and BR is a multiple of the tile height. Otherwise an
+// undefined tensor, and the kernels pack each block row as they reach it (pack_dy_row: a
+// gather of B rows M apart, slow where they alias in the caches).
+template <typename T>
+at::Tensor pack_dy_panels(const Kernels<T>& ks, const T* dy, int64_t B, int64_t M, int64_t BR) {
+  const int MR = ks.mr;
+  if (!ks.pack_chunks || BR % MR != 0 || B == 0) return {};
+  const int64_t nchunks = cdiv(M, BR) * (BR / MR);
+  at::Tensor t = pooled_empty({nchunks * B * MR}, c10::CppTypeToScalarType<T>::value);
+  T* d = t.data_ptr<T>();
+  at::parallel_for(0, cdiv(B, 2), grain_for(2 * M), [&](int64_t c0, int64_t c1) {
+    ks.pack_chunks(dy, M, B, M, nchunks, d, 2 * c0, std::min(B, 2 * c1));
+    store_fence();
+  });
+  return t;
+}
+
 // forward for 2 * BR <= NR, grad_input for 2 * BC <= NR: output slices of G = NR / S
 // consecutive narrow block lines (S = BR: block rows of y; S = BC: block columns of dx). A
 // slice's K entries are the union of its lines' blocks' other coordinates (block columns of x,
@@ -486,22 +505,25 @@ void grad_weight_narrow_kernel(const Kernels<T>& ks, const T* dy, const T* x, co
   for (int64_t p = 1; p <= nnzb; ++p)
     if (p == nnzb || row[p] != row[runs.back()] || p - runs.back() == per_run) runs.push_back(p);
   const int64_t zero = 0, max_cols = cdiv(per_run * BC, NR) * NR;
+  const at::Tensor dyp_t = pack_dy_panels(ks, dy, B, M, BR);
+  const T* dyp = dyp_t.defined() ? dyp_t.data_ptr<T>() : nullptr;
   struct Scratch {
     std::vector<T> apack, xg;
     std::vector<int64_t> src;  // x column of each gathered column, -1: zero
     int64_t row;               // block row held in apack, -1: none
   };
-  auto init = [&] { return Scratch{std::vector<T>(ntr * B * MR), std::vector<T>(max_cols * B),
+  auto init = [&] { return Scratch{std::vector<T>(dyp ? 0 : ntr * B * MR), std::vector<T>(max_cols * B),
                                    std::vector<int64_t>(max_cols), -1}; };
   parallel_dynamic(static_cast<int64_t>(runs.size()) - 1, nnzb * B * blk, init,
                    [&](Scratch& st, int64_t r0, int64_t r1) {
     alignas(64) T tile[kMaxTileBytes / sizeof(T)];
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t p0 = runs[r], p1 = runs[r + 1], i = row[p0], L = (p1 - p0) * BC, nqr = cdiv(L, NR);
-      if (i != st.row) {
+      if (!dyp && i != st.row) {
         pack_dy_row(dy, B, M, i, BR, MR, st.apack.data());
         st.row = i;
       }
+      const T* ap = dyp ? dyp + i * ntr * B * MR : st.apack.data();
       for (int64_t c = 0; c < nqr * NR; ++c) {
         const int64_t n = c < L ? col[p0 + c / BC] * BC + c % BC : N;
         st.src[c] = n < N ? n : -1;
@@ -518,7 +540,7 @@ void grad_weight_narrow_kernel(const Kernels<T>& ks, const T* dy, const T* x, co
         const int mr = static_cast<int>(std::min<int64_t>(MR, BR - t * MR));
         for (int64_t q = 0; q < nqr; ++q) {
           // nothing to prefetch: the gathered panels were just written and sit in cache
-          ks.tile[mr](st.apack.data() + t * B * MR, &zero, &B, 1, st.xg.data() + q * B * NR, tile, false, Prefetch<T>{});
+          ks.tile[mr](ap + t * B * MR, &zero, &B, 1, st.xg.data() + q * B * NR, tile, false, Prefetch<T>{});
           for (int64_t n = 0, nv = std::min<int64_t>(NR, L - q * NR); n < nv; ++n) {
             const int64_t c = q * NR + n, p = p0 + c / BC, off = (t * MR) * BC + c % BC;
             const bool* mk = patterns ? patterns + mask_ids[p] * blk + off : nullptr;
@@ -668,22 +690,27 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
     if (stream) store_fence();
   });
   const int64_t zero = 0;
+  const at::Tensor dyp_t = pack_dy_panels(ks, dy, B, M, BR);
+  const T* dyp = dyp_t.defined() ? dyp_t.data_ptr<T>() : nullptr;
   struct Scratch {
     std::vector<T> apack;
     int64_t row;  // block row held in apack, -1: none
     std::vector<const void*> pf;
   };
-  auto init = [&] { return Scratch{std::vector<T>(ntr * B * MR), -1, {}}; };
+  auto init = [&] { return Scratch{std::vector<T>(dyp ? 0 : ntr * B * MR), -1, {}}; };
   parallel_dynamic(nnzb, nnzb * B * blk, init, [&](Scratch& st, int64_t p0, int64_t p1) {
     alignas(64) T tile[kMaxTileBytes / sizeof(T)];
-    T* ap = st.apack.data();
-    // dy of the next block row of this range, prefetched over the current row's products: its
-    // B rows are M apart, a gather whose memory latency would otherwise stall the packing
+    const T* ap = st.apack.data();
+    // without dyp: dy of the next block row of this range, prefetched over the current row's
+    // products (its B rows are M apart, a gather whose memory latency would otherwise stall the
+    // packing)
     int64_t pf_row = -1, pf_part = 0, pf_parts = 1;
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t i = row[p], j = col[p];
-      if (i != st.row) {
-        pack_dy_row(dy, B, M, i, BR, MR, ap);
+      if (dyp) {
+        ap = dyp + i * ntr * B * MR;
+      } else if (i != st.row) {
+        pack_dy_row(dy, B, M, i, BR, MR, st.apack.data());
         st.row = i;
         int64_t next = p + 1;
         while (next < p1 && row[next] == i) ++next;

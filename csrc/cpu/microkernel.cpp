@@ -475,6 +475,43 @@ __attribute__((target("avx512f"))) void pack_copy_avx512(const T* src, int64_t l
   }
 }
 
+// AVX-512, 8-row tiles: a chunk of one row is 32 bytes (float: two rows make a line) or 64
+// bytes (double: a line).
+template <typename T>
+__attribute__((target("avx512f"))) void pack_chunks_avx512(const T* src, int64_t ld, int64_t rows, int64_t cols,
+                                                           int64_t nchunks, T* dst, int64_t b0, int64_t b1) {
+  static_assert(kMR512 == 8, "chunks of 8 entries");
+  constexpr int MR = kMR512;
+  const auto lanes = [](int64_t c) { return c >= MR ? 0xFFu : c <= 0 ? 0u : (1u << c) - 1; };
+  // whole lines land on line boundaries: dst aligned, and for float an even row count and start
+  const bool nt = reinterpret_cast<uintptr_t>(dst) % 64 == 0 && (sizeof(T) == 8 || (rows % 2 == 0 && b0 % 2 == 0));
+  for (int64_t b = b0; b < b1; b += 2) {
+    const T* s0 = src + b * ld;
+    const T* s1 = s0 + ld;
+    const bool pair = b + 1 < b1;
+    T* d = dst + b * MR;
+    for (int64_t c = 0; c < nchunks; ++c, d += rows * MR) {
+      const __mmask8 m = static_cast<__mmask8>(lanes(cols - c * MR));
+      if constexpr (sizeof(T) == 4) {
+        // lanes 0-7 from row b, 8-15 from row b + 1 (AVX-512F only: masked 512-bit loads)
+        __m512 v = _mm512_maskz_loadu_ps(m, s0 + c * MR);
+        if (!pair) {
+          _mm512_mask_storeu_ps(d, 0xFF, v);
+          continue;
+        }
+        v = _mm512_mask_expandloadu_ps(v, static_cast<__mmask16>(m) << 8, s1 + c * MR);
+        nt ? _mm512_stream_ps(d, v) : _mm512_storeu_ps(d, v);
+      } else {
+        const __m512d v0 = _mm512_maskz_loadu_pd(m, s0 + c * MR);
+        nt ? _mm512_stream_pd(d, v0) : _mm512_storeu_pd(d, v0);
+        if (!pair) continue;
+        const __m512d v1 = _mm512_maskz_loadu_pd(m, s1 + c * MR);
+        nt ? _mm512_stream_pd(d + MR, v1) : _mm512_storeu_pd(d + MR, v1);
+      }
+    }
+  }
+}
+
 // A whole tile row (NR * sizeof(T) bytes, a multiple of 64) streamed to a 32-byte aligned dst,
 // plus bias (unaligned) where not null.
 template <int NR>
@@ -537,7 +574,7 @@ template <typename T>
 Kernels<T> make_generic() {
   constexpr int NR = kNR256<T>;
   Kernels<T> k{Isa::kGeneric, kMR256, NR, {}, &pack_transposed_portable<T, NR>, &store_rows_portable<T, NR>,
-               &pack_rows_portable<T, kMR256>, &pack_copy_portable<T, NR>, nullptr};
+               &pack_rows_portable<T, kMR256>, &pack_copy_portable<T, NR>, nullptr, nullptr};
   fill<T, GenericOf<T, kMR256, NR>>(k.tile, std::make_integer_sequence<int, kMR256>{});
   return k;
 }
@@ -570,6 +607,7 @@ template <typename T, typename Src, int MR, int NR>
 Kernels<T> make_simd(Isa isa) {
   Kernels<T> k{isa, MR, NR, {}, &pack_transposed_simd<T, NR>, &store_rows_simd<T, NR>, &pack_rows_simd<T, MR>,
                isa == Isa::kAvx512 ? &pack_copy_avx512<T> : static_cast<PackCopy<T>>(&pack_copy_avx2<NR>),
+               isa == Isa::kAvx512 ? &pack_chunks_avx512<T> : nullptr,
                isa == Isa::kAvx512 ? &gemv_avx512<T> : nullptr};
   fill<T, Src>(k.tile, std::make_integer_sequence<int, MR>{});
   return k;
