@@ -242,40 +242,17 @@ void fill_rows(T* out, int64_t ldc, int64_t b0, int64_t b1, int64_t nv, const T*
   }
 }
 
-// Asks for the cache line at p. An asm statement: GCC deletes __builtin_prefetch loops it deems
-// free of side effects (it did, silently, for the forward's). Never faults, whatever p.
-inline void prefetch_line(const void* p) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
-#else
-  __builtin_prefetch(p, 0, 3);
-#endif
-}
-
-// Prefetches rows [0, rows) x columns [0, len) of a row-major block (leading dim ld) into the
-// caches, one block ahead of packing: the blocks are read from memory once per call, and
-// asking early hides the latency the hardware prefetcher leaves between blocks.
-template <typename T>
-void prefetch_rows(const T* p, int64_t rows, int64_t ld, int64_t len) {
-  constexpr int64_t kLine = 64 / sizeof(T);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < len; c += kLine) prefetch_line(p + r * ld + c);
-}
-
 // Appends to `out` part `part` of `nparts` of the cache lines of n blocks of `bytes` bytes each,
-// block b at block(b): the next slice's blocks (or dy rows), handed to the micro-kernels of the
-// current one, which prefetch them between multiply-adds (microkernel.h), so that their memory
-// latency overlaps computation instead of stalling the packing.
+// block b at block(b), as ranges: the next slice's blocks (or dy rows), handed to the
+// micro-kernels of the current one, which prefetch them between multiply-adds (microkernel.h),
+// so that their memory latency overlaps computation instead of stalling the packing.
 template <typename BlockPtr>
-void lines_part(int64_t n, int64_t bytes, BlockPtr block, int64_t part, int64_t nparts, std::vector<const void*>& out) {
+void lines_part(int64_t n, int64_t bytes, BlockPtr block, int64_t part, int64_t nparts, std::vector<LineRange>& out) {
   const int64_t per = cdiv(bytes, 64), total = n * per, l1 = total * (part + 1) / nparts;
-  int64_t l = total * part / nparts;
-  size_t o = out.size();
-  out.resize(o + (l1 - l));
-  while (l < l1) {
+  for (int64_t l = total * part / nparts; l < l1;) {
     const int64_t b = l / per, end = std::min(l1, (b + 1) * per);
-    const char* base = reinterpret_cast<const char*>(block(b)) - b * per * 64;
-    for (; l < end; ++l) out[o++] = base + l * 64;
+    out.push_back({reinterpret_cast<const char*>(block(b)) + (l - b * per) * 64, end - l});
+    l = end;
   }
 }
 
@@ -305,7 +282,7 @@ void slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, T* out, 
     std::vector<T> bpack, cbuf;
     std::vector<int64_t> offs, ks;
     std::vector<Seg<T>> segs;
-    std::vector<const void*> pf;
+    std::vector<LineRange> pf;
   };
   // a group holds at most kKMax K entries (more than F where trusted index lists repeat a block)
   auto init = [&] {
@@ -316,7 +293,7 @@ void slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, T* out, 
     std::vector<T>& bpack = st.bpack;
     std::vector<int64_t>& offs = st.offs;
     std::vector<int64_t>& kk = st.ks;
-    std::vector<const void*>& pf = st.pf;
+    std::vector<LineRange>& pf = st.pf;
     T* cpanel = st.cbuf.data();  // [bt - bt0][q][MR][NR], 64-byte aligned
     cpanel += (kAlign - reinterpret_cast<uintptr_t>(cpanel) / sizeof(T) % kAlign) % kAlign;
     for (int64_t u = u0; u < u1; ++u) {
@@ -480,7 +457,7 @@ void narrow_slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, T
     }
   };
   // the next slice's blocks: those of its G lines, contiguous in ptr/idx order
-  auto lines = [&](int64_t g, int64_t part, int64_t nparts, std::vector<const void*>& out_lines) {
+  auto lines = [&](int64_t g, int64_t part, int64_t nparts, std::vector<LineRange>& out_lines) {
     const int64_t q0 = ptr[g * G], q1 = ptr[std::min(n_lines, (g + 1) * G)];
     lines_part(q1 - q0, blk * int64_t{sizeof(T)}, [&](int64_t b) { return w + (perm ? perm[q0 + b] : q0 + b) * blk; },
                part, nparts, out_lines);
@@ -611,14 +588,13 @@ void forward_kernel(const T* x, const T* w, const T* bias, const int32_t* crow, 
   auto pack_b = [=, &ks](const std::vector<Seg<T>>& sg, int64_t K, int64_t nv, T* bp) {
     int64_t koff = 0;
     for (size_t s = 0; s < sg.size(); ++s) {
-      if (s + 1 < sg.size()) prefetch_rows(sg[s + 1].w, nv, BC, sg[s + 1].k);
       for (int64_t q = 0; q < nq; ++q)
         ks.pack_transposed(sg[s].w + q * NR * BC, BC, std::min<int64_t>(NR, nv - q * NR), sg[s].k,
                         bp + (q * K + koff) * NR);
       koff += sg[s].k;
     }
   };
-  auto lines = [=](int64_t i, int64_t part, int64_t nparts, std::vector<const void*>& out) {  // contiguous
+  auto lines = [=](int64_t i, int64_t part, int64_t nparts, std::vector<LineRange>& out) {  // contiguous
     const T* first = w + int64_t{crow[i]} * BR * BC;
     lines_part(1, (int64_t{crow[i + 1]} - crow[i]) * BR * BC * int64_t{sizeof(T)}, [=](int64_t) { return first; },
                part, nparts, out);
@@ -644,14 +620,13 @@ void grad_input_kernel(const T* dy, const T* w, const int32_t* ccol, const int32
   auto pack_b = [=, &ks](const std::vector<Seg<T>>& sg, int64_t K, int64_t nv, T* bp) {
     int64_t koff = 0;
     for (size_t s = 0; s < sg.size(); ++s) {
-      if (s + 1 < sg.size()) prefetch_rows(sg[s + 1].w, sg[s + 1].k, BC, nv);
       for (int64_t q = 0; q < nq; ++q)
         ks.pack_copy(sg[s].w + q * NR, BC, sg[s].k, std::min<int64_t>(NR, nv - q * NR), bp + (q * K + koff) * NR,
                      false);
       koff += sg[s].k;
     }
   };
-  auto lines = [=](int64_t j, int64_t part, int64_t nparts, std::vector<const void*>& out) {
+  auto lines = [=](int64_t j, int64_t part, int64_t nparts, std::vector<LineRange>& out) {
     lines_part(ccol[j + 1] - ccol[j], BR * BC * int64_t{sizeof(T)},
                [=](int64_t b) { return w + t_perm[ccol[j] + b] * BR * BC; }, part, nparts, out);
   };
@@ -695,7 +670,7 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
   struct Scratch {
     std::vector<T> apack;
     int64_t row;  // block row held in apack, -1: none
-    std::vector<const void*> pf;
+    std::vector<LineRange> pf;
   };
   auto init = [&] { return Scratch{std::vector<T>(dyp ? 0 : ntr * B * MR), -1, {}}; };
   parallel_dynamic(nnzb, nnzb * B * blk, init, [&](Scratch& st, int64_t p0, int64_t p1) {

@@ -98,15 +98,24 @@ void pack_rows_portable(const T* src, int64_t ld, int64_t rows, int64_t F, T* ds
 
 #ifdef EFCN_HAVE_SIMD_PATHS
 // The SIMD kernels' side of Prefetch: an A-panel walk that asks for each line of the next
-// call's panel as this call reaches the same offset (k steps of `step` bytes), and a list of
-// lines handed out one every four k steps, the rest at the end.
+// call's panel as this call reaches the same offset, and the ranges' lines, one every four k
+// steps, the rest at the end.
 template <typename T, int MR>
 struct Fetcher {
   static constexpr int kLineSteps = 64 / (MR * static_cast<int>(sizeof(T))) >= 2 ? 2 : 1;
   const char* a = nullptr;
-  const void* const* lines;
-  int n;
-  explicit Fetcher(const Prefetch<T>& pf) : lines(pf.lines), n(pf.n) {}
+  const LineRange* ranges;
+  const LineRange* end;
+  const char* line = nullptr;
+  int64_t left = 0;  // lines left in the current range
+  explicit Fetcher(const Prefetch<T>& pf) : ranges(pf.ranges), end(pf.ranges + pf.n) { next_range(); }
+  void next_range() {
+    while (left == 0 && ranges != end) {
+      line = ranges->p;
+      left = ranges->n;
+      ++ranges;
+    }
+  }
   void segment(const Prefetch<T>& pf, int64_t a_off) {
     a = pf.next_a ? reinterpret_cast<const char*>(pf.next_a + a_off) : nullptr;
   }
@@ -115,13 +124,15 @@ struct Fetcher {
       if (k % kLineSteps == 0) _mm_prefetch(a, _MM_HINT_T0);
       a += MR * sizeof(T);
     }
-    if (n > 0 && (k & 3) == 0) {
-      _mm_prefetch(static_cast<const char*>(*lines++), _MM_HINT_T0);
-      --n;
+    if (left > 0 && (k & 3) == 0) {
+      _mm_prefetch(line, _MM_HINT_T0);
+      line += 64;
+      if (--left == 0) next_range();
     }
   }
   void finish() {
-    for (; n > 0; --n) _mm_prefetch(static_cast<const char*>(*lines++), _MM_HINT_T0);
+    for (; left > 0; next_range())
+      for (; left > 0; --left, line += 64) _mm_prefetch(line, _MM_HINT_T0);
   }
 };
 

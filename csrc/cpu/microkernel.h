@@ -43,15 +43,21 @@ enum class Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
 constexpr int kMaxMR = 12;        // most rows of a register tile, over all ISAs
 constexpr int kMaxTileBytes = kMaxMR * 128;  // most bytes of one mr x nr tile
 
+// n consecutive cache lines from p.
+struct LineRange {
+  const char* p;
+  int64_t n;
+};
+
 // What a micro-kernel call fetches for the caller's later work while it multiplies (the
 // portable kernel ignores it), so that memory latency overlaps the multiply-adds instead of
 // stalling the next call: next_a, the A panel base of the next call (its segments at this
-// call's offsets), walked line by line alongside A; lines[0..n), further cache lines (the next
-// slice's blocks), one every few k steps.
+// call's offsets), walked line by line alongside A; ranges[0..n), further cache lines (the next
+// slice's blocks), one every few k steps, the rest at the end.
 template <typename T>
 struct Prefetch {
   const T* next_a = nullptr;
-  const void* const* lines = nullptr;
+  const LineRange* ranges = nullptr;
   int n = 0;
 };
 
