@@ -68,6 +68,23 @@ def test_each_isa_matches_reference(isa, shape, dtype):
             assert (got[2][~lay.block_mask()] == 0).all(), f"{isa}: masked grad_weight entries must be exactly 0"
 
 
+@pytest.mark.parametrize("dtype,side", [(torch.float32, 70000), (torch.float64, 36000)], ids=["float32", "float64"])
+@pytest.mark.parametrize("B", [40, 41])
+def test_each_isa_matches_reference_on_operands_larger_than_the_caches(isa, dtype, side, B):
+    """Outputs and packed operands of 8 MiB or more go through the non-temporal store paths
+    (y, dx, the batch tiles, grad_weight's x and dy panels); an odd batch leaves a last row
+    unpaired; sides that are not a multiple of the block leave partial edge blocks."""
+    torch.manual_seed(7)
+    lay = random_layout(side, side, 64, 64, density=0.003, full_row=True, full_col=True)
+    x, dy, v, bias = (torch.randn(B, side, dtype=dtype), torch.randn(B, side, dtype=dtype),
+                      random_values(lay, dtype), torch.randn(side, dtype=dtype))
+    assert B * side * dtype.itemsize >= 8 << 20
+    got = run_all(backends.kernels("cpu"), lay, x, dy, v, bias)
+    want = run_all(R, lay, x, dy, v, bias)
+    for g, w, what in zip(got, want, ("forward", "grad_input", "grad_weight")):
+        assert_close_rel(g, w, REL[dtype], f"{isa} {what} large B={B}")
+
+
 @pytest.mark.parametrize("B", [1, 37])
 @pytest.mark.parametrize("shape", [(1500, 1300, 64, 48, dict(density=0.3, mask=True, full_row=True)),
                                    (2000, 300, 64, 3, dict(full_col=True, mask=True)),  # narrow, K > 256
