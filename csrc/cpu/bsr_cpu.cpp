@@ -51,6 +51,7 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "buffer_pool.h"
@@ -223,13 +224,14 @@ void for_each_group(int64_t p0, int64_t p1, Extent extent, Make make, std::vecto
   fn(segs, K, first, true);
 }
 
-// out[m*ldc + n] = tile[m][n] (+ bias[n]) for m < mr, n < nv, through the caches.
-template <typename T>
-void store_tile(const T* tile, int mr, int NR, int64_t nv, T* out, int64_t ldc, const T* bias) {
+// out[m*ldc + n] = tile[m][n] (+ bias[n]) for m < mr, n < nv, through the caches; summed in T,
+// then rounded once to OutT.
+template <typename T, typename OutT>
+void store_tile(const T* tile, int mr, int NR, int64_t nv, OutT* out, int64_t ldc, const OutT* bias) {
   for (int m = 0; m < mr; ++m) {
-    T* o = out + m * ldc;
+    OutT* o = out + m * ldc;
     const T* t = tile + m * NR;
-    for (int64_t n = 0; n < nv; ++n) o[n] = bias ? t[n] + bias[n] : t[n];
+    for (int64_t n = 0; n < nv; ++n) o[n] = static_cast<OutT>(bias ? t[n] + static_cast<T>(bias[n]) : t[n]);
   }
 }
 
@@ -265,9 +267,11 @@ void lines_part(int64_t n, int64_t bytes, BlockPtr block, int64_t part, int64_t 
 // A task's output tiles accumulate in a contiguous panel of its own across the K groups (the
 // micro-kernel continues each entry's chain, load_c) and are written to `out` once, after the
 // last group.
-template <typename T, typename Blocks, typename PackB, typename Lines>
-void slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, T* out, int64_t ldc, int64_t n_groups,
-                int64_t side, int64_t out_cols, const T* bias, int64_t work, Blocks blocks, PackB pack_b,
+// T is the type of the packed panels and accumulators; OutT that of out and bias (bfloat16 for
+// the bf16 pair kernels, whose T entries hold pairs of bfloat16).
+template <typename T, typename OutT, typename Blocks, typename PackB, typename Lines>
+void slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, OutT* out, int64_t ldc, int64_t n_groups,
+                int64_t side, int64_t out_cols, const OutT* bias, int64_t work, Blocks blocks, PackB pack_b,
                 Lines lines) {
   const int NR = ks.nr, MR = ks.mr;
   const int64_t nq = cdiv(side, NR), nbt = cdiv(B, MR);
@@ -276,7 +280,7 @@ void slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, T* out, 
   pack_batch_tiles(ks, a, B, F, ap);
   const int64_t tiles_per_task = cdiv(nbt, batch_chunks(n_groups, nbt));
   const int64_t nch = cdiv(nbt, tiles_per_task);
-  const bool stream = B * ldc * int64_t{sizeof(T)} >= kStreamBytes;
+  const bool stream = std::is_same_v<T, OutT> && B * ldc * int64_t{sizeof(T)} >= kStreamBytes;
   constexpr int64_t kAlign = 64 / sizeof(T);
   struct Scratch {
     std::vector<T> bpack, cbuf;
@@ -299,8 +303,8 @@ void slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, T* out, 
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t g = u / nch, bt0 = (u % nch) * tiles_per_task, bt1 = std::min(nbt, bt0 + tiles_per_task);
       const int64_t nv = std::min(side, out_cols - g * side);  // in-range outputs of this slice
-      T* o = out + g * side;
-      const T* bias_g = bias ? bias + g * side : nullptr;
+      OutT* o = out + g * side;
+      const OutT* bias_g = bias ? bias + g * side : nullptr;
       const auto range = blocks(g);
       const int64_t p0 = std::get<0>(range), p1 = std::get<1>(range);
       if (p0 == p1) {
@@ -337,12 +341,19 @@ void slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, T* out, 
                         bpack.data() + q * K * NR, c, !first, Prefetch<T>{next_a, pf.data(), static_cast<int>(pf.size())});
             if (!last) continue;
             const int64_t nvq = std::min<int64_t>(NR, nv - q * NR);
-            T* oq = o + bt * MR * ldc + q * NR;
-            const T* bq = bias_g ? bias_g + q * NR : nullptr;
-            if (stream)
-              ks.store_rows(c, mr, nvq, oq, ldc, bq);
-            else
-              store_tile(c, mr, NR, nvq, oq, ldc, bq);
+            OutT* oq = o + bt * MR * ldc + q * NR;
+            const OutT* bq = bias_g ? bias_g + q * NR : nullptr;
+            if constexpr (std::is_same_v<T, OutT>) {
+              if (stream) {
+                ks.store_rows(c, mr, nvq, oq, ldc, bq);
+                continue;
+              }
+            } else if constexpr (std::is_same_v<OutT, at::BFloat16>) {
+              store_rows_bf16(c, NR, mr, nvq, reinterpret_cast<uint16_t*>(oq), ldc,
+                              reinterpret_cast<const uint16_t*>(bq));
+              continue;
+            }
+            store_tile(c, mr, NR, nvq, oq, ldc, bq);
           }
         }
       };
@@ -411,9 +422,9 @@ at::Tensor pack_dy_panels(const Kernels<T>& ks, const T* dy, int64_t B, int64_t 
 // exactly once even if a list were unsorted. Entry u is K block ukey[u], with ublk[u*G + d] the
 // position (in ptr/idx order) of line d's block there, or -1. Block position p holds values
 // w[perm[p]] (perm null: p); its element (k, n) sits at k*sk + n*sn.
-template <typename T>
-void narrow_slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, T* out, int64_t out_cols,
-                       const T* bias, const int32_t* ptr, const int32_t* idx, const int32_t* perm, const T* w,
+template <typename T, typename OutT>
+void narrow_slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, OutT* out, int64_t out_cols,
+                       const OutT* bias, const int32_t* ptr, const int32_t* idx, const int32_t* perm, const T* w,
                        int64_t S, int64_t KS, int64_t sk, int64_t sn) {
   const int NR = ks.nr;
   const int64_t G = NR / S, n_lines = cdiv(out_cols, S), ng = cdiv(n_lines, G), blk = S * KS;
@@ -462,7 +473,7 @@ void narrow_slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, T
     lines_part(q1 - q0, blk * int64_t{sizeof(T)}, [&](int64_t b) { return w + (perm ? perm[q0 + b] : q0 + b) * blk; },
                part, nparts, out_lines);
   };
-  slice_gemm<T>(ks, a, B, F, out, out_cols, ng, G * S, out_cols, bias, B * ptr[n_lines] * blk, blocks, pack_b,
+  slice_gemm<T, OutT>(ks, a, B, F, out, out_cols, ng, G * S, out_cols, bias, B * ptr[n_lines] * blk, blocks, pack_b,
                 lines);
 }
 
@@ -570,16 +581,20 @@ void forward_gemv(const Kernels<T>& ks, const T* x, const T* w, const T* bias, c
   });
 }
 
-template <typename T>
-void forward_kernel(const T* x, const T* w, const T* bias, const int32_t* crow, const int32_t* col, T* y,
-                    int64_t B, int64_t N, int64_t M, int64_t BR, int64_t BC) {
-  const Kernels<T>& ks = active_kernels<T>();
+// y = x W^T + bias with the kernels ks. OutT != T: the bf16 pair kernels, x and w viewed as
+// 32-bit words (N and BC counted in words: pairs of bfloat16 along K), y and bias bfloat16.
+template <typename T, typename OutT = T>
+void forward_kernel(const Kernels<T>& ks, const T* x, const T* w, const OutT* bias, const int32_t* crow,
+                    const int32_t* col, OutT* y, int64_t B, int64_t N, int64_t M, int64_t BR, int64_t BC) {
   // gemv first, narrow blocks included: at batch <= 2 the forward is bound by reading the
   // weights, which gemv does once in place; the narrow path would copy them all into panels
   // to fill tile columns whose rows (the batch) are mostly empty anyway.
-  if (B <= kGemvBatch && ks.gemv) return forward_gemv(ks, x, w, bias, crow, col, y, B, N, M, BR, BC);
+  if constexpr (std::is_same_v<T, OutT>) {
+    if (B <= kGemvBatch && ks.gemv) return forward_gemv(ks, x, w, bias, crow, col, y, B, N, M, BR, BC);
+  }
   const int NR = ks.nr;
-  if (2 * BR <= NR) return narrow_slice_gemm<T>(ks, x, B, N, y, M, bias, crow, col, nullptr, w, BR, BC, 1, BC);
+  if (2 * BR <= NR)
+    return narrow_slice_gemm<T, OutT>(ks, x, B, N, y, M, bias, crow, col, nullptr, w, BR, BC, 1, BC);
   const int64_t nq = cdiv(BR, NR);
   auto extent = [=](int64_t p) { return std::min(BC, N - col[p] * BC); };
   auto make = [=](int64_t p, int64_t k0, int64_t k) { return Seg<T>{col[p] * BC + k0, w + p * BR * BC + k0, k}; };
@@ -599,8 +614,8 @@ void forward_kernel(const T* x, const T* w, const T* bias, const int32_t* crow, 
     lines_part(1, (int64_t{crow[i + 1]} - crow[i]) * BR * BC * int64_t{sizeof(T)}, [=](int64_t) { return first; },
                part, nparts, out);
   };
-  slice_gemm<T>(ks, x, B, N, y, M, cdiv(M, BR), BR, M, bias, B * crow[cdiv(M, BR)] * BR * BC, blocks, pack_b,
-                lines);
+  slice_gemm<T, OutT>(ks, x, B, N, y, M, cdiv(M, BR), BR, M, bias, B * crow[cdiv(M, BR)] * BR * BC, blocks, pack_b,
+                      lines);
 }
 
 // ------------------------------------------------------------------------------ grad_input
@@ -609,7 +624,8 @@ void grad_input_kernel(const T* dy, const T* w, const int32_t* ccol, const int32
                        T* dx, int64_t B, int64_t M, int64_t N, int64_t BR, int64_t BC) {
   const Kernels<T>& ks = active_kernels<T>();
   const int NR = ks.nr;
-  if (2 * BC <= NR) return narrow_slice_gemm<T>(ks, dy, B, M, dx, N, nullptr, ccol, t_row, t_perm, w, BC, BR, BC, 1);
+  if (2 * BC <= NR)
+    return narrow_slice_gemm<T, T>(ks, dy, B, M, dx, N, nullptr, ccol, t_row, t_perm, w, BC, BR, BC, 1);
   const int64_t nq = cdiv(BC, NR);
   auto extent = [=](int64_t k) { return std::min(BR, M - t_row[k] * BR); };
   auto make = [=](int64_t k, int64_t r0, int64_t len) {
@@ -630,7 +646,7 @@ void grad_input_kernel(const T* dy, const T* w, const int32_t* ccol, const int32
     lines_part(ccol[j + 1] - ccol[j], BR * BC * int64_t{sizeof(T)},
                [=](int64_t b) { return w + t_perm[ccol[j] + b] * BR * BC; }, part, nparts, out);
   };
-  slice_gemm<T>(ks, dy, B, M, dx, N, cdiv(N, BC), BC, N, nullptr, B * ccol[cdiv(N, BC)] * BR * BC, blocks, pack_b,
+  slice_gemm<T, T>(ks, dy, B, M, dx, N, cdiv(N, BC), BC, N, nullptr, B * ccol[cdiv(N, BC)] * BR * BC, blocks, pack_b,
                 lines);
 }
 
@@ -721,6 +737,25 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
 }
 
 // ------------------------------------------------------------------------------ ops
+// The bfloat16 forward on AVX512_BF16 dot products (bf16_pair_kernels), where the CPU has them
+// and each pair of bfloat16 along K sits in one aligned 32-bit word of x and of every block
+// (even N and BC); nullopt otherwise (the caller computes in float32).
+std::optional<at::Tensor> forward_bf16_pairs(const at::Tensor& x, const at::Tensor& values,
+                                             const std::optional<at::Tensor>& bias, const at::Tensor& crow_ptr,
+                                             const at::Tensor& col_idx, int64_t M) {
+  const Kernels<float>* pairs = bf16_pair_kernels();
+  const int64_t B = x.size(0), N = x.size(1), BR = values.size(1), BC = values.size(2);
+  const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 4 == 0; };
+  if (!pairs || N % 2 != 0 || BC % 2 != 0 || !aligned(x) || !aligned(values)) return std::nullopt;
+  at::Tensor y = pooled_empty({B, M}, at::kBFloat16);
+  forward_kernel<float, at::BFloat16>(*pairs, reinterpret_cast<const float*>(x.data_ptr()),
+                                      reinterpret_cast<const float*>(values.data_ptr()),
+                                      bias.has_value() ? bias->data_ptr<at::BFloat16>() : nullptr,
+                                      crow_ptr.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(),
+                                      y.data_ptr<at::BFloat16>(), B, N / 2, M, BR, BC / 2);
+  return y;
+}
+
 at::Tensor bsr_forward_cpu(const at::Tensor& x, const at::Tensor& values, const std::optional<at::Tensor>& bias,
                            const at::Tensor& crow_ptr, const at::Tensor& col_idx, const at::Tensor& row_idx,
                            int64_t M) {
@@ -740,6 +775,9 @@ at::Tensor bsr_forward_cpu(const at::Tensor& x, const at::Tensor& values, const 
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == M, "bias: expected shape [", M, "], got ", bias->sizes());
     TORCH_CHECK(bias->is_contiguous(), "bias: expected a contiguous tensor");
   }
+  if (values.scalar_type() == at::kBFloat16 && B > 0 && M > 0) {
+    if (auto y = forward_bf16_pairs(x, values, bias, crow_ptr, col_idx, M)) return *y;
+  }
   if (is_half(values.scalar_type())) {
     std::optional<at::Tensor> bias_f;
     if (bias.has_value()) bias_f = bias->to(at::kFloat);
@@ -749,7 +787,7 @@ at::Tensor bsr_forward_cpu(const at::Tensor& x, const at::Tensor& values, const 
   at::Tensor y = pooled_empty({B, M}, x.scalar_type());
   if (B == 0 || M == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "bsr_forward_cpu", [&] {
-    forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), values.data_ptr<scalar_t>(),
+    forward_kernel<scalar_t>(active_kernels<scalar_t>(), x.data_ptr<scalar_t>(), values.data_ptr<scalar_t>(),
                              bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr, crow_ptr.data_ptr<int32_t>(),
                              col_idx.data_ptr<int32_t>(), y.data_ptr<scalar_t>(), B, N, M, BR, BC);
   });
@@ -837,7 +875,14 @@ std::string cpu_isa(const std::string& request) {
 }  // namespace efcn_cpu
 
 // Not a tensor op: no dispatch key, one kernel for every device.
-TORCH_LIBRARY_FRAGMENT(efcn_sparse_C, m) { m.def("cpu_isa(str request) -> str", &efcn_cpu::cpu_isa); }
+// Whether bfloat16 ops run on AVX512_BF16 dot products now (the CPU has them and the active
+// ISA is AVX-512), where their shapes allow (forward_bf16_pairs).
+bool cpu_bf16_dot() { return efcn_cpu::bf16_pair_kernels() != nullptr; }
+
+TORCH_LIBRARY_FRAGMENT(efcn_sparse_C, m) {
+  m.def("cpu_isa(str request) -> str", &efcn_cpu::cpu_isa);
+  m.def("cpu_bf16_dot() -> bool", &cpu_bf16_dot);
+}
 
 TORCH_LIBRARY_IMPL(efcn_sparse_C, CPU, m) {
   m.impl("bsr_forward", &efcn_cpu::bsr_forward_cpu);

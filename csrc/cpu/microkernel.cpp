@@ -285,6 +285,44 @@ __attribute__((target("avx512f"))) void micro_avx512(const T* A0, const int64_t*
   }
 }
 
+// ------------------------------------------------------------------------------ AVX512_BF16 tiles
+// micro_avx512<float> with each panel entry a pair of bfloat16 along K: one dot-product step
+// (both products added into the float lane) where the float kernel has a multiply-add.
+template <int MR>
+__attribute__((target("avx512f,avx512bf16"))) void micro_avx512_bf16(const float* A0, const int64_t* a_off,
+                                                                     const int64_t* a_k, int nseg, const float* B,
+                                                                     float* C, bool load_c,
+                                                                     const Prefetch<float>& pf) {
+  constexpr int L = 16;
+  Fetcher<float, kMR512> fetch(pf);
+  __m512 c0[MR], c1[MR];
+#pragma GCC unroll 12
+  for (int m = 0; m < MR; ++m) {
+    c0[m] = load_c ? _mm512_loadu_ps(C + m * 2 * L) : _mm512_setzero_ps();
+    c1[m] = load_c ? _mm512_loadu_ps(C + m * 2 * L + L) : _mm512_setzero_ps();
+  }
+  for (int s = 0; s < nseg; ++s) {
+    const float* A = A0 + a_off[s];
+    fetch.segment(pf, a_off[s]);
+    for (int64_t k = a_k[s]; k > 0; --k, A += kMR512, B += 2 * L) {
+      fetch.step(k);
+      const __m512bh b0 = (__m512bh)_mm512_loadu_ps(B), b1 = (__m512bh)_mm512_loadu_ps(B + L);
+#pragma GCC unroll 12
+      for (int m = 0; m < MR; ++m) {
+        const __m512bh a = (__m512bh)_mm512_set1_ps(A[m]);
+        c0[m] = _mm512_dpbf16_ps(c0[m], a, b0);
+        c1[m] = _mm512_dpbf16_ps(c1[m], a, b1);
+      }
+    }
+  }
+  fetch.finish();
+#pragma GCC unroll 12
+  for (int m = 0; m < MR; ++m) {
+    _mm512_storeu_ps(C + m * 2 * L, c0[m]);
+    _mm512_storeu_ps(C + m * 2 * L + L, c1[m]);
+  }
+}
+
 // ------------------------------------------------------------------------------ AVX-512F gemv
 // Four rows at a time (four independent weight streams), 64 bytes of k per step, masked tails.
 template <typename T, int R>
@@ -614,6 +652,14 @@ struct Avx512 {
   }
 };
 
+struct Avx512Bf16 {
+  template <int MR>
+  static void fn(const float* A, const int64_t* o, const int64_t* k, int n, const float* B, float* C, bool lc,
+                 const Prefetch<float>& pf) {
+    micro_avx512_bf16<MR>(A, o, k, n, B, C, lc, pf);
+  }
+};
+
 template <typename T, typename Src, int MR, int NR>
 Kernels<T> make_simd(Isa isa) {
   Kernels<T> k{isa, MR, NR, {}, &pack_transposed_simd<T, NR>, &store_rows_simd<T, NR>, &pack_rows_simd<T, MR>,
@@ -633,6 +679,12 @@ Kernels<double> make_avx2<double>() { return make_simd<double, Avx2F64, kMR256, 
 template <typename T>
 Kernels<T> make_avx512() {
   return make_simd<T, Avx512<T>, kMR512, kNR512<T>>(Isa::kAvx512);
+}
+
+Kernels<float> make_bf16_pairs() {
+  Kernels<float> k = make_simd<float, Avx512Bf16, kMR512, kNR512<float>>(Isa::kAvx512);
+  k.gemv = nullptr;
+  return k;
 }
 #endif
 
@@ -691,6 +743,41 @@ const Kernels<T>& kernels() {
 #endif
   return generic;
 }
+
+const Kernels<float>* bf16_pair_kernels() {
+#ifdef EFCN_HAVE_SIMD_PATHS
+  static const bool has_bf16 = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+  }();
+  static const Kernels<float> pairs = make_bf16_pairs();
+  const char* off = std::getenv("EFCN_CPU_BF16_DOT");
+  if (has_bf16 && active_isa() == Isa::kAvx512 && !(off && std::strcmp(off, "0") == 0)) return &pairs;
+#endif
+  return nullptr;
+}
+
+#ifdef EFCN_HAVE_SIMD_PATHS
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void store_rows_bf16(
+    const float* tile, int nr, int rows, int64_t nv, uint16_t* out, int64_t ld, const uint16_t* bias) {
+  for (int m = 0; m < rows; ++m) {
+    const float* t = tile + m * nr;
+    uint16_t* o = out + m * ld;
+    for (int64_t n = 0; n < nv; n += 16) {
+      const __mmask16 k = nv - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (nv - n)) - 1);
+      __m512 v = _mm512_maskz_loadu_ps(k, t + n);
+      if (bias) {  // bfloat16 -> float: the 16 bits shifted into the top half
+        const __m512i b = _mm512_maskz_cvtepu16_epi32(k, _mm256_maskz_loadu_epi16(k, bias + n));
+        v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_maskz_slli_epi32(k, b, 16)));
+      }
+      _mm256_mask_storeu_epi16(o + n, k, (__m256i)_mm512_cvtneps_pbh(v));
+    }
+  }
+}
+#else
+void store_rows_bf16(const float*, int, int, int64_t, uint16_t*, int64_t, const uint16_t*) {}
+#endif
 
 void store_fence() {
 #ifdef EFCN_HAVE_SIMD_PATHS

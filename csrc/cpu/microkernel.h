@@ -105,6 +105,21 @@ struct Kernels {
 template <typename T>
 const Kernels<T>& kernels();
 
+// Float kernels whose tile kernels take each 32-bit entry of their A and B panels as a pair of
+// bfloat16 along K and add both products into the float accumulators (AVX512_BF16 dot
+// products): a bfloat16 operand viewed as 32-bit words is packed by the float helpers with K
+// halved. Null unless the active ISA is AVX-512 and the CPU has AVX512_BF16. No gemv, and
+// store_rows is not for their outputs (floats the caller converts).
+// EFCN_CPU_BF16_DOT=0 in the environment (read at each call) turns them off: bfloat16 is then
+// computed in float32, as on CPUs without AVX512_BF16.
+const Kernels<float>* bf16_pair_kernels();
+
+// out[m * ld + n] = bfloat16(tile[m][n] (+ bias[n])), rounded to nearest even, for m < rows,
+// n < nv (tile rows nr floats apart): the bf16 pair kernels' outputs. Only while
+// bf16_pair_kernels() is not null (it uses AVX512_BF16 conversions).
+void store_rows_bf16(const float* tile, int nr, int rows, int64_t nv, uint16_t* out, int64_t ld,
+                     const uint16_t* bias);
+
 Isa best_isa();    // the best ISA of this CPU and build
 Isa active_isa();  // best_isa(), or what EFCN_CPU_ISA or set_isa() asked for, capped at best_isa()
 Isa set_isa(Isa want);  // makes min(want, best_isa()) active and returns it

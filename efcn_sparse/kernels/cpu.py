@@ -32,6 +32,15 @@ def isa(request: str = "") -> str:
     return torch.ops.efcn_sparse_C.cpu_isa(request)
 
 
+def bf16_dot() -> bool:
+    """Whether bfloat16 ops now run on the CPU's AVX512_BF16 dot-product instructions (bfloat16
+    pairs multiplied and summed into float32) rather than converted to float32: the CPU has them
+    and the active ISA is AVX-512. Applies to the forward where N and the block width are even."""
+    if not _extension.load():
+        raise RuntimeError(f"the compiled extension is not available ({_extension.error()})")
+    return bool(torch.ops.efcn_sparse_C.cpu_bf16_dot())
+
+
 def supported_isas() -> tuple:
     """The ISAs this CPU and build can run, best first (``generic`` always)."""
     current = isa()

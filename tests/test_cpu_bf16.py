@@ -1,0 +1,107 @@
+"""bfloat16 on the ``cpu`` backend: where the CPU has AVX512_BF16 (and the active ISA is AVX-512),
+bf16 ops multiply bf16 pairs with dot-product instructions into float32 accumulators instead of
+converting every operand to float32 first; ``EFCN_CPU_BF16_DOT=0`` or another ISA turns that off.
+Both ways must match the reference (float32 sums, one rounding) within bf16 accuracy."""
+
+import pytest
+import torch
+
+from conftest import assert_close_rel
+from efcn_sparse import backends
+from efcn_sparse.kernels import cpu
+from efcn_sparse.kernels import reference as R
+from test_cpu_backend import REL, random_layout, random_values, run_all
+
+_REASON = backends.unavailable_reason("cpu", "cpu")
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"cpu backend unavailable: {_REASON}")
+
+# (M, N, BR, BC, layout options): even N and BC take the dot-product path; the last two do not
+SHAPES = [
+    (130, 200, 48, 40, dict(mask=True)),
+    (300, 260, 64, 64, dict(density=0.6, full_row=True)),
+    (97, 130, 8, 24, dict(mask=True)),  # 8-row blocks: the grouped (narrow) forward
+    (70, 300, 3, 64, dict(mask=True)),
+    (45, 1100, 16, 16, dict(full_row=True)),
+    (200, 150, 12, 8, dict(mask=True)),
+    (61, 130, 64, 2, dict(full_col=True)),
+    (90, 75, 16, 16, dict(mask=True)),  # odd N
+    (90, 96, 16, 3, dict(mask=True)),  # odd block width
+]
+
+
+def _inputs(shape, B, seed=0):
+    torch.manual_seed(seed)
+    M, N, BR, BC, opts = shape
+    lay = random_layout(M, N, BR, BC, **opts)
+    bf = torch.bfloat16
+    return (lay, torch.randn(B, N).to(bf), torch.randn(B, M).to(bf), random_values(lay, bf), torch.randn(M).to(bf))
+
+
+@pytest.fixture
+def dot_off(monkeypatch):
+    monkeypatch.setenv("EFCN_CPU_BF16_DOT", "0")
+
+
+def _needs_dot():
+    if not cpu.bf16_dot():
+        pytest.skip("this CPU or build has no AVX512_BF16 path (or the active ISA is below AVX-512)")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}_b{s[2]}x{s[3]}")
+@pytest.mark.parametrize("B", [1, 2, 13, 29])
+def test_bf16_ops_match_reference(shape, B):
+    lay, x, dy, v, bias = _inputs(shape, B)
+    got = run_all(backends.kernels("cpu"), lay, x, dy, v, bias)
+    want = run_all(R, lay, x, dy, v, bias)
+    for g, w, what in zip(got, want, ("forward", "grad_input", "grad_weight")):
+        assert g.dtype == torch.bfloat16, what
+        assert torch.isfinite(g.float()).all(), f"{what}: unwritten (poisoned) entries"
+        assert_close_rel(g.float(), w.float(), REL[torch.bfloat16], f"bf16 {what} {shape} B={B}")
+    if lay.has_mask:
+        assert (got[2][~lay.block_mask()] == 0).all(), "masked grad_weight entries must be exactly 0"
+
+
+def test_dot_products_run_where_the_cpu_has_them(monkeypatch):
+    """On a CPU with AVX512_BF16 the default path is the dot-product one, and it is not the
+    float32 computation under another name: over 576 terms the roundings differ somewhere."""
+    _needs_dot()
+    lay, x, dy, v, bias = _inputs((640, 576, 64, 64, dict(density=1.0)), 64, seed=3)
+    ops = backends.kernels("cpu")
+    dot = run_all(ops, lay, x, dy, v, bias)
+    monkeypatch.setenv("EFCN_CPU_BF16_DOT", "0")
+    assert cpu.bf16_dot() is False
+    f32 = run_all(ops, lay, x, dy, v, bias)
+    assert not torch.equal(dot[0], f32[0]), "forward: the dot-product path did not run"
+    want = run_all(R, lay, x, dy, v, bias)
+    for d, f, w in zip(dot, f32, want):
+        assert_close_rel(d.float(), w.float(), REL[torch.bfloat16], "dot path")
+        assert_close_rel(f.float(), w.float(), REL[torch.bfloat16], "float32 path")
+
+
+def test_turned_off_it_computes_in_float32_exactly(dot_off):
+    """EFCN_CPU_BF16_DOT=0: bf16 ops are the float32 ops on the widened operands, rounded once."""
+    lay, x, dy, v, bias = _inputs(SHAPES[1], 13)
+    ops = backends.kernels("cpu")
+    got = run_all(ops, lay, x, dy, v, bias)
+    f32 = run_all(ops, lay, x.float(), dy.float(), v.float(), bias.float())
+    for g, f in zip(got, f32):
+        assert torch.equal(g, f.to(torch.bfloat16))
+
+
+def test_other_isas_do_not_use_dot_products():
+    before = cpu.isa()
+    try:
+        for name in cpu.supported_isas():
+            cpu.isa(name)
+            if name != "avx512":
+                assert cpu.bf16_dot() is False, name
+    finally:
+        cpu.isa(before)
+
+
+def test_environment_switch_is_read_at_each_call(monkeypatch):
+    _needs_dot()
+    monkeypatch.setenv("EFCN_CPU_BF16_DOT", "0")
+    assert cpu.bf16_dot() is False
+    monkeypatch.setenv("EFCN_CPU_BF16_DOT", "1")
+    assert cpu.bf16_dot() is True
