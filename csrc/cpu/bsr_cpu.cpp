@@ -756,6 +756,118 @@ std::optional<at::Tensor> forward_bf16_pairs(const at::Tensor& x, const at::Tens
   return y;
 }
 
+// grad_input in bfloat16 on the bf16 pair kernels: K (the rows of W, entries of dy) taken in
+// pairs, so dy is read as 32-bit words and each group's block rows are interleaved two by two
+// (pack_bf16_pairs). Where the CPU has them and the shape allows (M and BR even, blocks wider
+// than half a tile, dy word-aligned); nullopt otherwise.
+std::optional<at::Tensor> grad_input_bf16_pairs(const at::Tensor& dy, const at::Tensor& values,
+                                                const at::Tensor& ccol_ptr, const at::Tensor& t_row_idx,
+                                                const at::Tensor& t_perm, int64_t N) {
+  const Kernels<float>* pairs = bf16_pair_kernels();
+  const int64_t B = dy.size(0), M = dy.size(1), BR = values.size(1), BC = values.size(2);
+  if (!pairs || M % 2 != 0 || BR % 2 != 0 || 2 * BC <= pairs->nr ||
+      reinterpret_cast<uintptr_t>(dy.data_ptr()) % 4 != 0)
+    return std::nullopt;
+  const Kernels<float>& ks = *pairs;
+  const int NR = ks.nr;
+  const int64_t nq = cdiv(BC, NR), BRw = BR / 2, Mw = M / 2, blk = BR * BC;
+  const int32_t *ccol = ccol_ptr.data_ptr<int32_t>(), *t_row = t_row_idx.data_ptr<int32_t>(),
+                *perm = t_perm.data_ptr<int32_t>();
+  const uint16_t* w = reinterpret_cast<const uint16_t*>(values.data_ptr());
+  at::Tensor dx = pooled_empty({B, N}, at::kBFloat16);
+  auto extent = [=](int64_t k) { return std::min(BRw, Mw - t_row[k] * BRw); };
+  // item: the element offset of the segment's first row in the values
+  auto make = [=](int64_t k, int64_t r0, int64_t len) {
+    return Seg<float>{t_row[k] * BRw + r0, nullptr, len, perm[k] * blk + 2 * r0 * BC};
+  };
+  auto blocks = [=](int64_t j) { return std::make_tuple(int64_t{ccol[j]}, int64_t{ccol[j + 1]}, extent, make); };
+  // B[q][kp][n] = (W[2kp][q*NR + n], W[2kp + 1][q*NR + n]): row pairs of the group's blocks
+  auto pack_b = [=](const std::vector<Seg<float>>& sg, int64_t K, int64_t nv, float* bp) {
+    int64_t koff = 0;
+    for (const Seg<float>& sgm : sg) {
+      for (int64_t q = 0; q < nq; ++q)
+        pack_bf16_pairs(w + sgm.item + q * NR, BC, 2 * sgm.k, std::min<int64_t>(NR, nv - q * NR), NR,
+                        bp + (q * K + koff) * NR);
+      koff += sgm.k;
+    }
+  };
+  auto lines = [=](int64_t j, int64_t part, int64_t nparts, std::vector<LineRange>& out) {
+    lines_part(ccol[j + 1] - ccol[j], blk * 2, [=](int64_t b) { return w + perm[ccol[j] + b] * blk; }, part, nparts,
+               out);
+  };
+  slice_gemm<float, at::BFloat16>(ks, reinterpret_cast<const float*>(dy.data_ptr()), B, Mw,
+                                  dx.data_ptr<at::BFloat16>(), N, cdiv(N, BC), BC, N, nullptr,
+                                  B * ccol[cdiv(N, BC)] * blk / 2, blocks, pack_b, lines);
+  return dx;
+}
+
+// grad_weight in bfloat16 on the bf16 pair kernels: K (the batch) taken in pairs of rows of dy
+// and x, interleaved once per call into per-block-column x panels and per-block-row dy panels
+// (pack_bf16_pairs), then one [BR x B] @ [B x BC] product per block as in the float kernel.
+// Where the CPU has them and the shape allows (blocks as wide as grad_weight's wide path, BR a
+// multiple of the tile height); nullopt otherwise.
+std::optional<at::Tensor> grad_weight_bf16_pairs(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_idx,
+                                                 const at::Tensor& col_idx, const std::optional<at::Tensor>& mask_ids,
+                                                 const std::optional<at::Tensor>& mask_patterns, int64_t BR,
+                                                 int64_t BC) {
+  const Kernels<float>* pairs = bf16_pair_kernels();
+  if (!pairs || narrow_grad_weight(BC, pairs->nr) || BR % pairs->mr != 0) return std::nullopt;
+  const Kernels<float>& ks = *pairs;
+  const int NR = ks.nr, MR = ks.mr;
+  const int64_t B = dy.size(0), M = dy.size(1), N = x.size(1), nnzb = row_idx.numel();
+  const int64_t Bp = cdiv(B, 2), ntr = BR / MR, nq = cdiv(BC, NR), blk = BR * BC, nbc = cdiv(N, BC);
+  const int64_t nchunks = cdiv(M, BR) * ntr;
+  const uint16_t* x16 = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  const uint16_t* dy16 = reinterpret_cast<const uint16_t*>(dy.data_ptr());
+  at::Tensor dw = pooled_empty({nnzb, BR, BC}, at::kBFloat16);
+  at::Tensor xp_t = pooled_empty({nbc * nq * Bp * NR}, at::kFloat), dyp_t = pooled_empty({nchunks * Bp * MR}, at::kFloat);
+  float *xp = xp_t.data_ptr<float>(), *dyp = dyp_t.data_ptr<float>();
+  // kRows batch rows at a time, each read in order across all panels
+  constexpr int64_t kRows = 16;
+  at::parallel_for(0, cdiv(B, kRows), grain_for(kRows * (N + M)), [&](int64_t c0, int64_t c1) {
+    for (int64_t b0 = c0 * kRows; b0 < std::min(B, c1 * kRows); b0 += kRows) {
+      const int64_t rows = std::min(B, b0 + kRows) - b0;
+      for (int64_t j = 0; j < nbc; ++j)
+        for (int64_t q = 0; q < nq; ++q)
+          pack_bf16_pairs(x16 + b0 * N + j * BC + q * NR, N, rows, std::min<int64_t>(NR, std::min(BC, N - j * BC) - q * NR),
+                          NR, xp + ((j * nq + q) * Bp + b0 / 2) * NR);
+      for (int64_t c = 0; c < nchunks; ++c) {
+        const int64_t i = c / ntr, r0 = i * BR + (c % ntr) * MR;  // first dy column of the chunk
+        pack_bf16_pairs(dy16 + b0 * M + r0, M, rows, std::min<int64_t>(MR, std::min(BR * (i + 1), M) - r0), MR,
+                        dyp + (c * Bp + b0 / 2) * MR);
+      }
+    }
+  });
+  const int32_t *row = row_idx.data_ptr<int32_t>(), *col = col_idx.data_ptr<int32_t>();
+  const int32_t* mids = mask_ids.has_value() ? mask_ids->data_ptr<int32_t>() : nullptr;
+  const bool* patterns = mask_patterns.has_value() ? mask_patterns->data_ptr<bool>() : nullptr;
+  uint16_t* out16 = reinterpret_cast<uint16_t*>(dw.data_ptr());
+  const int64_t zero = 0;
+  parallel_dynamic(nnzb, nnzb * B * blk, [] { return 0; }, [&](int, int64_t p0, int64_t p1) {
+    alignas(64) float tile[kMaxTileBytes / sizeof(float)];
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t i = row[p], j = col[p];
+      const bool* mask = patterns ? patterns + mids[p] * blk : nullptr;
+      for (int64_t t = 0; t < ntr; ++t) {
+        for (int64_t q = 0; q < nq; ++q) {
+          ks.tile[MR](dyp + (i * ntr + t) * Bp * MR, &zero, &Bp, 1, xp + (j * nq + q) * Bp * NR, tile, false,
+                      Prefetch<float>{});
+          const int64_t nv = std::min<int64_t>(NR, BC - q * NR);
+          if (mask) {
+            for (int m = 0; m < MR; ++m) {
+              const bool* mk = mask + (t * MR + m) * BC + q * NR;
+              for (int64_t n = 0; n < nv; ++n)
+                if (!mk[n]) tile[m * NR + n] = 0.0f;  // exactly 0, even for NaN inputs
+            }
+          }
+          store_rows_bf16(tile, NR, MR, nv, out16 + p * blk + t * MR * BC + q * NR, BC, nullptr);
+        }
+      }
+    }
+  });
+  return dw;
+}
+
 at::Tensor bsr_forward_cpu(const at::Tensor& x, const at::Tensor& values, const std::optional<at::Tensor>& bias,
                            const at::Tensor& crow_ptr, const at::Tensor& col_idx, const at::Tensor& row_idx,
                            int64_t M) {
@@ -806,6 +918,9 @@ at::Tensor bsr_grad_input_cpu(const at::Tensor& dy, const at::Tensor& values, co
   check_pointers(ccol_ptr, "ccol_ptr", nbc, nnzb);
   check_range(t_row_idx, "t_row_idx", nbr);
   check_range(t_perm, "t_perm", nnzb);
+  if (values.scalar_type() == at::kBFloat16 && B > 0 && N > 0) {
+    if (auto dx = grad_input_bf16_pairs(dy, values, ccol_ptr, t_row_idx, t_perm, N)) return *dx;
+  }
   if (is_half(values.scalar_type()))
     return bsr_grad_input_cpu(dy.to(at::kFloat), values.to(at::kFloat), ccol_ptr, t_row_idx, t_perm, N)
         .to(values.scalar_type());
@@ -842,6 +957,9 @@ at::Tensor bsr_grad_weight_cpu(const at::Tensor& dy, const at::Tensor& x, const 
                 "mask_patterns: expected bool [n, ", BR, ", ", BC, "], got ", pats.scalar_type(), " ", pats.sizes());
     TORCH_CHECK(pats.is_contiguous(), "mask_patterns: expected a contiguous tensor");
     check_range(*mask_ids, "mask_ids", pats.size(0));
+  }
+  if (dy.scalar_type() == at::kBFloat16 && B > 0 && nnzb > 0) {
+    if (auto dw = grad_weight_bf16_pairs(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC)) return *dw;
   }
   if (is_half(dy.scalar_type()))
     return bsr_grad_weight_cpu(dy.to(at::kFloat), x.to(at::kFloat), row_idx, col_idx, mask_ids, mask_patterns, BR, BC)

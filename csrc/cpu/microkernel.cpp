@@ -775,8 +775,27 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void store_rows_
     }
   }
 }
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void pack_bf16_pairs(
+    const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, int width, float* dst) {
+  // a0 b0 a1 b1 ... a15 b15 from two registers (indices 32 and up: the second)
+  alignas(64) static constexpr uint16_t kZip[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                     8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i zip = _mm512_load_si512(kZip);
+  const auto lanes = [](int64_t c) -> __mmask16 { return c >= 16 ? 0xFFFF : c <= 0 ? 0 : (1u << c) - 1; };
+  for (int64_t r = 0; r < rows; r += 2, src += 2 * ld, dst += width) {
+    const uint16_t* s1 = r + 1 < rows ? src + ld : nullptr;
+    for (int n = 0; n < width; n += 16) {
+      const __mmask32 m = lanes(cols - n);
+      const __m512i a = _mm512_maskz_loadu_epi16(m, src + n);
+      const __m512i b = s1 ? _mm512_maskz_loadu_epi16(m, s1 + n) : _mm512_setzero_si512();
+      _mm512_mask_storeu_epi32(dst + n, lanes(width - n), _mm512_permutex2var_epi16(a, zip, b));
+    }
+  }
+}
 #else
 void store_rows_bf16(const float*, int, int, int64_t, uint16_t*, int64_t, const uint16_t*) {}
+void pack_bf16_pairs(const uint16_t*, int64_t, int64_t, int64_t, int, float*) {}
 #endif
 
 void store_fence() {

@@ -114,6 +114,13 @@ const Kernels<T>& kernels();
 // computed in float32, as on CPUs without AVX512_BF16.
 const Kernels<float>* bf16_pair_kernels();
 
+// dst[k * width + n] = the pair (src[(2k) * ld + n], src[(2k + 1) * ld + n]) of bfloat16 as one
+// 32-bit word (the second half zero where 2k + 1 == rows), zero for n >= cols; k < cdiv(rows, 2),
+// n < width <= 32: pairs of consecutive rows of a bfloat16 matrix interleaved into the panels of
+// the bf16 pair kernels, with K running down the rows (grad_input's blocks, grad_weight's x
+// and dy). Only while bf16_pair_kernels() is not null.
+void pack_bf16_pairs(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, int width, float* dst);
+
 // out[m * ld + n] = bfloat16(tile[m][n] (+ bias[n])), rounded to nearest even, for m < rows,
 // n < nv (tile rows nr floats apart): the bf16 pair kernels' outputs. Only while
 // bf16_pair_kernels() is not null (it uses AVX512_BF16 conversions).

@@ -33,9 +33,12 @@ def isa(request: str = "") -> str:
 
 
 def bf16_dot() -> bool:
-    """Whether bfloat16 ops now run on the CPU's AVX512_BF16 dot-product instructions (bfloat16
-    pairs multiplied and summed into float32) rather than converted to float32: the CPU has them
-    and the active ISA is AVX-512. Applies to the forward where N and the block width are even."""
+    """Whether bfloat16 ops now run on the CPU's AVX512_BF16 dot-product instructions (pairs of
+    bfloat16 multiplied and summed into float32, rounded once to bfloat16) rather than on float32
+    copies of their operands: the CPU has them, the active ISA is AVX-512 and
+    ``EFCN_CPU_BF16_DOT`` is not ``0``. Shapes it does not cover still go through float32: the
+    forward needs N and the block width even; grad_input M and the block height even and blocks
+    wider than 16; grad_weight blocks wider than 8 and a block height that is a multiple of 8."""
     if not _extension.load():
         raise RuntimeError(f"the compiled extension is not available ({_extension.error()})")
     return bool(torch.ops.efcn_sparse_C.cpu_bf16_dot())
