@@ -416,57 +416,39 @@ __attribute__((target("avx2"))) inline void transpose4x4(const double* s, int64_
   store8<NT>(d + 3 * ldd, _mm256_permute2f128_pd(t1, t3, 0x31));
 }
 
-// The full-tile part of pack_transposed: NR rows, K rounded down to 8 (float) / 4 (double).
-template <int NR>
-__attribute__((target("avx2"))) int64_t transpose_simd(const float* src, int64_t ld, int64_t K, float* dst) {
+// R rows x K columns of src (leading dim ld) transposed into dst[k][r] (K rounded down to 8 for
+// float, 4 for double; R a multiple of that); returns the first column left to scalar code.
+template <int R, bool NT>
+__attribute__((target("avx2"))) int64_t transpose_rows(const float* src, int64_t ld, int64_t K, float* dst) {
   int64_t k = 0;
   for (; k + 8 <= K; k += 8)
-    for (int h = 0; h < NR / 8; ++h) transpose8x8<false>(src + h * 8 * ld + k, ld, dst + k * NR + h * 8, NR);
+    for (int h = 0; h < R / 8; ++h) transpose8x8<NT>(src + h * 8 * ld + k, ld, dst + k * R + h * 8, R);
   return k;
 }
 
-template <int NR>
-__attribute__((target("avx2"))) int64_t transpose_simd(const double* src, int64_t ld, int64_t K, double* dst) {
+template <int R, bool NT>
+__attribute__((target("avx2"))) int64_t transpose_rows(const double* src, int64_t ld, int64_t K, double* dst) {
   int64_t k = 0;
   for (; k + 4 <= K; k += 4)
-    for (int h = 0; h < NR / 4; ++h) transpose4x4<false>(src + h * 4 * ld + k, ld, dst + k * NR + h * 4, NR);
+    for (int h = 0; h < R / 4; ++h) transpose4x4<NT>(src + h * 4 * ld + k, ld, dst + k * R + h * 4, R);
   return k;
 }
 
 template <typename T, int NR>
 void pack_transposed_simd(const T* src, int64_t ld, int64_t rows, int64_t K, T* dst) {
-  const int64_t k0 = rows == NR ? transpose_simd<NR>(src, ld, K, dst) : 0;
+  const int64_t k0 = rows == NR ? transpose_rows<NR, false>(src, ld, K, dst) : 0;
   pack_transposed_generic<T, NR>(src, ld, rows, K, dst, k0);
-}
-
-// The batch tile's rows transposed 8 (float) / 4 (double) columns at a time where the tile is
-// whole and mr allows; returns the first column left to the scalar loop.
-template <int MR, bool NT>
-__attribute__((target("avx2"))) int64_t pack_rows_simd_part(const float* src, int64_t ld, int64_t rows, int64_t F,
-                                                             float* dst) {
-  if (MR % 8 != 0 || rows != MR) return 0;
-  int64_t f = 0;
-  for (; f + 8 <= F; f += 8)
-    for (int h = 0; h < MR / 8; ++h) transpose8x8<NT>(src + h * 8 * ld + f, ld, dst + f * MR + h * 8, MR);
-  return f;
-}
-
-template <int MR, bool NT>
-__attribute__((target("avx2"))) int64_t pack_rows_simd_part(const double* src, int64_t ld, int64_t rows, int64_t F,
-                                                             double* dst) {
-  if (MR % 4 != 0 || rows != MR) return 0;
-  int64_t f = 0;
-  for (; f + 4 <= F; f += 4)
-    for (int h = 0; h < MR / 4; ++h) transpose4x4<NT>(src + h * 4 * ld + f, ld, dst + f * MR + h * 4, MR);
-  return f;
 }
 
 template <typename T, int MR>
 void pack_rows_simd(const T* src, int64_t ld, int64_t rows, int64_t F, T* dst, bool stream) {
-  // whole 32-byte stores land on 32-byte boundaries when dst is aligned (MR * sizeof(T) >= 32)
-  const bool nt = stream && reinterpret_cast<uintptr_t>(dst) % 32 == 0;
-  const int64_t f0 = nt ? pack_rows_simd_part<MR, true>(src, ld, rows, F, dst)
-                        : pack_rows_simd_part<MR, false>(src, ld, rows, F, dst);
+  // whole tiles only, and MR a multiple of the 32-byte transpose's side; then every 32-byte
+  // store lands on a 32-byte boundary when dst is aligned
+  int64_t f0 = 0;
+  if (rows == MR && (MR * sizeof(T)) % 32 == 0) {
+    const bool nt = stream && reinterpret_cast<uintptr_t>(dst) % 32 == 0;
+    f0 = nt ? transpose_rows<MR, true>(src, ld, F, dst) : transpose_rows<MR, false>(src, ld, F, dst);
+  }
   pack_rows_generic<T, MR>(src, ld, rows, F, dst, f0);
 }
 
