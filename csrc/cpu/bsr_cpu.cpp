@@ -13,8 +13,11 @@
 //   longer slices go in K groups, each output tile accumulating across them in a task's own
 //   panel (the micro-kernel continues its chains) until it is written once.
 // * forward at batch <= kGemvBatch (AVX-512): matrix-vector products straight from the blocks.
-// * grad_weight: x is repacked once per call into per-block-column panels, dy per block row
-//   into a per-thread panel; each block is then one [BR x B] @ [B x BC] product.
+// * grad_weight: x is repacked once per call into per-block-column panels, dy into its block
+//   rows' panels (one in-order pass where the ISA has it, else per block row as reached); each
+//   block is then one [BR x B] @ [B x BC] product.
+// * bfloat16: on AVX512_BF16 dot products where the CPU has them and the shape allows
+//   (*_bf16_pairs: K taken in pairs, float accumulation, one rounding); else on float32 copies.
 // * blocks much narrower than the active tile's NR columns (few-channel layers stored tight)
 //   are grouped to fill the tiles (narrow_slice_gemm, grad_weight_narrow_kernel).
 // No buffer scales with stored blocks x batch. Large buffers (outputs, packed operands) come from

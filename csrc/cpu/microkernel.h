@@ -20,7 +20,8 @@
 // the best the CPU has (AVX-512F, AVX2+FMA, portable C++; always portable under
 // AddressSanitizer, which cannot see the intrinsics' loads), lowered by EFCN_CPU_ISA at first
 // use or by set_isa() (torch.ops.efcn_sparse_C.cpu_isa); results are bit-identical run to run
-// and across thread counts for a given ISA.
+// and across thread counts for a given ISA. bfloat16 has its own tile kernels where the CPU has
+// AVX512_BF16 (bf16_pair_kernels: panel entries are pairs of bf16 along K, float accumulators).
 #pragma once
 
 #include <cstdint>
