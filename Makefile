@@ -78,7 +78,7 @@ SAN := build/sanitize
 SAN_ENV := PYTHONPATH=$(CURDIR)/$(SAN)/pkg \
 	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
 	ASAN_OPTIONS=detect_leaks=0:alloc_dealloc_mismatch=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
-SAN_TESTS ?= tests/test_cpu_backend.py tests/test_cpu_isa.py tests/test_cpu_bf16.py
+SAN_TESTS ?= tests/test_cpu_backend.py tests/test_cpu_isa.py tests/test_cpu_bf16.py tests/test_bias_grad.py
 
 sanitize: $(VENV)/.deps
 	rm -rf $(SAN)/pkg $(SAN)/lib

@@ -22,6 +22,10 @@ TORCH_LIBRARY(efcn_sparse_C, m) {
   m.def("bsr_forward(Tensor x, Tensor values, Tensor? bias, Tensor crow_ptr, Tensor col_idx, Tensor row_idx, int M) -> Tensor");
   m.def("bsr_grad_input(Tensor dy, Tensor values, Tensor ccol_ptr, Tensor t_row_idx, Tensor t_perm, int N) -> Tensor");
   m.def("bsr_grad_weight(Tensor dy, Tensor x, Tensor row_idx, Tensor col_idx, Tensor? mask_ids, Tensor? mask_patterns, int BR, int BC) -> Tensor");
+  // (bsr_grad_weight(...), dy summed over the batch); CPU kernel only
+  m.def("bsr_grad_weight_bias(Tensor dy, Tensor x, Tensor row_idx, Tensor col_idx, Tensor? mask_ids, Tensor? mask_patterns, int BR, int BC) -> (Tensor, Tensor)");
+  // dy summed over the batch, as bsr_grad_weight_bias sums it; CPU kernel only
+  m.def("bsr_bias_grad(Tensor dy) -> Tensor");
   // out += bsr_grad_weight(...), in place (masked entries of out left as they are); CUDA kernel only
   m.def("bsr_grad_weight_acc(Tensor(a!) out, Tensor dy, Tensor x, Tensor row_idx, Tensor col_idx, Tensor? mask_ids, Tensor? mask_patterns) -> ()");
 }

@@ -4,6 +4,8 @@
 * ``efcn_sparse::bsr_grad_input``  dX = dY W, via the transpose metadata (no copy of values)
 * ``efcn_sparse::bsr_grad_weight`` dW = (dY^T X) on stored blocks only, times the element mask
 * ``efcn_sparse::bsr_grad_weight_acc`` out += dW in place (gradient accumulation without a dW temporary)
+* ``efcn_sparse::bsr_grad_weight_bias`` (dW, db = dY summed over the batch), db fused into the
+  pass over dY where the backend can (cpu), else one more pass
 
 W is the (M, N) matrix of a :class:`~efcn_sparse.layout.BSRLayout` with ``values``
 [nnzb, BR, BC]. Values at masked entries must be zero (``SparseEFCN`` keeps them so: their
@@ -13,7 +15,7 @@ it is resolved inside the op, so ``torch.compile`` sees one opaque op whatever r
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -21,7 +23,8 @@ from torch import Tensor
 from . import backends
 from .layout import BSRLayout
 
-__all__ = ["bsr_linear", "bsr_grad_input", "bsr_grad_weight", "bsr_grad_weight_acc", "linear", "autocast_dtype"]
+__all__ = ["bsr_linear", "bsr_grad_input", "bsr_grad_weight", "bsr_grad_weight_acc", "bsr_grad_weight_bias", "linear",
+           "autocast_dtype"]
 
 
 def _check_operand(name: str, t: Tensor, cols: int, values: Tensor) -> None:
@@ -107,14 +110,18 @@ def _backward(ctx, dy):
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
         dx = bsr_grad_input(dy, values, ccol_ptr, t_row_idx, t_perm, x.shape[1], ctx.backend)
+    need_db = ctx.has_bias and ctx.needs_input_grad[2]
     if ctx.needs_input_grad[1]:
         if _accumulates_in_place(ctx, values, dy):
             bsr_grad_weight_acc(values.grad, dy, x, row_idx, col_idx, mask_ids, mask_patterns, ctx.backend)
+        elif need_db:
+            dw, db = bsr_grad_weight_bias(dy, x, row_idx, col_idx, mask_ids, mask_patterns, values.shape[1],
+                                          values.shape[2], ctx.backend)
         else:
             dw = bsr_grad_weight(dy, x, row_idx, col_idx, mask_ids, mask_patterns, values.shape[1], values.shape[2],
                                  ctx.backend)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        db = dy.sum(0)
+    if need_db and db is None:
+        db = _bias_grad(dy, ctx.backend)
     return dx, dw, db, None, None, None, None, None, None, None, None, None, None, None
 
 
@@ -161,6 +168,36 @@ def bsr_grad_weight(dy: Tensor, x: Tensor, row_idx: Tensor, col_idx: Tensor, mas
 @bsr_grad_weight.register_fake
 def _(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC, backend):
     return dy.new_empty(row_idx.shape[0], BR, BC)
+
+
+def _bias_grad(dy: Tensor, backend: str) -> Tensor:
+    """dy summed over the batch as the backend's grad_weight_bias sums it (kernel ``bias_grad``),
+    so that every backward path gives the bias the same bits; else ``dy.sum(0)``."""
+    k = _kernels(backend, dy.device, op="grad_weight", dtype=dy.dtype, batch=dy.shape[0])
+    fn = getattr(k, "bias_grad", None)
+    return fn(dy) if fn is not None and dy.shape[0] > 0 else dy.sum(0)
+
+
+@torch.library.custom_op("efcn_sparse::bsr_grad_weight_bias", mutates_args=())
+def bsr_grad_weight_bias(dy: Tensor, x: Tensor, row_idx: Tensor, col_idx: Tensor, mask_ids: Optional[Tensor],
+                         mask_patterns: Optional[Tensor], BR: int, BC: int, backend: str) -> Tuple[Tensor, Tensor]:
+    """(dW, db): ``bsr_grad_weight`` and the bias gradient dY summed over the batch [M]
+    (accumulated in float32 for half types), the sum fused into the backend's pass over dY
+    where it has one (kernel ``grad_weight_bias``), else computed after it."""
+    _check_grad_weight_operands(dy, x)
+    if dy.shape[0] == 0:
+        return dy.new_zeros(row_idx.numel(), BR, BC), dy.new_zeros(dy.shape[1])
+    k = _kernels(backend, dy.device, op="grad_weight", dtype=dy.dtype, batch=dy.shape[0], block_shape=(BR, BC))
+    dy, x = dy.contiguous(), x.contiguous()
+    fused = getattr(k, "grad_weight_bias", None)
+    if fused is not None:
+        return fused(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC)
+    return k.grad_weight(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC), _bias_grad(dy, backend)
+
+
+@bsr_grad_weight_bias.register_fake
+def _(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC, backend):
+    return dy.new_empty(row_idx.shape[0], BR, BC), dy.new_empty(dy.shape[1])
 
 
 @torch.library.custom_op("efcn_sparse::bsr_grad_weight_acc", mutates_args=("out",))

@@ -399,22 +399,62 @@ void pack_dy_row(const T* dy, int64_t B, int64_t M, int64_t i, int64_t BR, int M
   }
 }
 
+// The bias gradient db[m] = sum over b of dy[b][m], summed in blocks of kSumRows rows (each block
+// in row order, then the blocks in order): the same bits whether it is fused into the pass that
+// packs dy (pack_dy_panels) or computed on its own (bias_grad), on any thread count.
+constexpr int64_t kSumRows = 16;
+
+template <typename T>
+struct BiasSums {
+  std::vector<T> partial;  // [block][ld], zero-initialised
+  int64_t ld;
+  BiasSums(int64_t B, int64_t ld_) : partial(cdiv(B, kSumRows) * ld_, T(0)), ld(ld_) {}
+  static int64_t blocks(int64_t B) { return cdiv(B, kSumRows); }
+  T* block(int64_t q) { return partial.empty() ? nullptr : partial.data() + q * ld; }
+  void finish(int64_t M, T* db) const {
+    const int64_t nq = static_cast<int64_t>(partial.size()) / ld;
+    at::parallel_for(0, M, grain_for(nq), [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) db[m] = T(0);
+      for (int64_t q = 0; q < nq; ++q)
+        for (int64_t m = m0; m < m1; ++m) db[m] += partial[q * ld + m];
+    });
+  }
+};
+
+// db = the bias gradient of dy [B, M] (S: dy's element type, T: the sums').
+template <typename T, typename S>
+void bias_grad(const S* dy, int64_t B, int64_t M, T* db) {
+  BiasSums<T> sums(B, M);
+  at::parallel_for(0, sums.blocks(B), grain_for(kSumRows * M), [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      T* p = sums.block(q);
+      for (int64_t b = q * kSumRows; b < std::min(B, (q + 1) * kSumRows); ++b)
+        for (int64_t m = 0; m < M; ++m) p[m] += static_cast<T>(dy[b * M + m]);
+    }
+  });
+  sums.finish(M, db);
+}
+
 // dy's block rows as grad_weight's A panels, all at once: block row i's at dyp + i * ntr * B * MR
 // (as pack_dy_row would lay them out), by one pass that reads each row of dy in order: where
 // the ISA has it (Kernels::pack_chunks) and BR is a multiple of the tile height. Otherwise an
 // undefined tensor, and the kernels pack each block row as they reach it (pack_dy_row: a
 // gather of B rows M apart, slow where they alias in the caches).
+// Where db is not null, the same pass also leaves the bias gradient there (BiasSums).
 template <typename T>
-at::Tensor pack_dy_panels(const Kernels<T>& ks, const T* dy, int64_t B, int64_t M, int64_t BR) {
+at::Tensor pack_dy_panels(const Kernels<T>& ks, const T* dy, int64_t B, int64_t M, int64_t BR, T* db) {
   const int MR = ks.mr;
   if (!ks.pack_chunks || BR % MR != 0 || B == 0) return {};
   const int64_t nchunks = cdiv(M, BR) * (BR / MR);
   at::Tensor t = pooled_empty({nchunks * B * MR}, c10::CppTypeToScalarType<T>::value);
   T* d = t.data_ptr<T>();
-  at::parallel_for(0, cdiv(B, 2), grain_for(2 * M), [&](int64_t c0, int64_t c1) {
-    ks.pack_chunks(dy, M, B, M, nchunks, d, 2 * c0, std::min(B, 2 * c1));
+  BiasSums<T> sums(db ? B : 0, nchunks * MR);
+  at::parallel_for(0, sums.blocks(B), grain_for(kSumRows * M), [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q)
+      ks.pack_chunks(dy, M, B, M, nchunks, d, q * kSumRows, std::min(B, (q + 1) * kSumRows), sums.block(q));
     store_fence();
   });
+  if (db) sums.finish(M, db);
   return t;
 }
 
@@ -487,17 +527,21 @@ void narrow_slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, O
 template <typename T>
 void grad_weight_narrow_kernel(const Kernels<T>& ks, const T* dy, const T* x, const int32_t* row, const int32_t* col,
                                const int32_t* mask_ids, const bool* patterns, T* dw, int64_t nnzb, int64_t B,
-                               int64_t M, int64_t N, int64_t BR, int64_t BC) {
+                               int64_t M, int64_t N, int64_t BR, int64_t BC, T* db) {
   const int NR = ks.nr, MR = ks.mr;
   const int64_t kRunCols = 8 * NR;
-  if (nnzb == 0) return;
+  if (nnzb == 0) {
+    if (db) bias_grad(dy, B, M, db);
+    return;
+  }
   const int64_t ntr = cdiv(BR, MR), blk = BR * BC, per_run = std::max<int64_t>(1, kRunCols / BC);
   std::vector<int64_t> runs{0};  // task r: blocks [runs[r], runs[r+1])
   for (int64_t p = 1; p <= nnzb; ++p)
     if (p == nnzb || row[p] != row[runs.back()] || p - runs.back() == per_run) runs.push_back(p);
   const int64_t zero = 0, max_cols = cdiv(per_run * BC, NR) * NR;
-  const at::Tensor dyp_t = pack_dy_panels(ks, dy, B, M, BR);
+  const at::Tensor dyp_t = pack_dy_panels(ks, dy, B, M, BR, db);
   const T* dyp = dyp_t.defined() ? dyp_t.data_ptr<T>() : nullptr;
+  if (db && !dyp) bias_grad(dy, B, M, db);
   struct Scratch {
     std::vector<T> apack, xg;
     std::vector<int64_t> src;  // x column of each gathered column, -1: zero
@@ -658,14 +702,16 @@ void grad_input_kernel(const T* dy, const T* w, const int32_t* ccol, const int32
 // read by every block of its column), dy per block row into a thread's A[t][b][m] =
 // dy[b][i*BR + t*MR + m] (zero out of range); then each stored block is a [BR x B] @ [B x BC]
 // product over those panels. dW is written with streaming stores: it is not read back here.
+// Where db is not null, also the bias gradient (BiasSums), fused into the pass over dy where
+// pack_dy_panels runs.
 template <typename T>
 void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32_t* col, const int32_t* mask_ids,
                         const bool* patterns, T* dw, int64_t nnzb, int64_t B, int64_t M, int64_t N, int64_t BR,
-                        int64_t BC) {
+                        int64_t BC, T* db) {
   const Kernels<T>& ks = active_kernels<T>();
   const int NR = ks.nr, MR = ks.mr;
   if (narrow_grad_weight(BC, NR))
-    return grad_weight_narrow_kernel(ks, dy, x, row, col, mask_ids, patterns, dw, nnzb, B, M, N, BR, BC);
+    return grad_weight_narrow_kernel(ks, dy, x, row, col, mask_ids, patterns, dw, nnzb, B, M, N, BR, BC, db);
   const int64_t ntr = cdiv(BR, MR), nq = cdiv(BC, NR), blk = BR * BC, nbc = cdiv(N, BC);
   at::Tensor x_t = pooled_empty({nbc * nq * B * NR}, c10::CppTypeToScalarType<T>::value);
   T* xp = x_t.data_ptr<T>();
@@ -684,8 +730,9 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
     if (stream) store_fence();
   });
   const int64_t zero = 0;
-  const at::Tensor dyp_t = pack_dy_panels(ks, dy, B, M, BR);
+  const at::Tensor dyp_t = pack_dy_panels(ks, dy, B, M, BR, db);
   const T* dyp = dyp_t.defined() ? dyp_t.data_ptr<T>() : nullptr;
+  if (db && !dyp) bias_grad(dy, B, M, db);
   struct Scratch {
     std::vector<T> apack;
     int64_t row;  // block row held in apack, -1: none
@@ -937,16 +984,16 @@ at::Tensor bsr_grad_input_cpu(const at::Tensor& dy, const at::Tensor& values, co
   return dx;
 }
 
-at::Tensor bsr_grad_weight_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_idx,
-                               const at::Tensor& col_idx, const std::optional<at::Tensor>& mask_ids,
-                               const std::optional<at::Tensor>& mask_patterns, int64_t BR, int64_t BC) {
+void check_grad_weight_args(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_idx,
+                            const at::Tensor& col_idx, const std::optional<at::Tensor>& mask_ids,
+                            const std::optional<at::Tensor>& mask_patterns, int64_t BR, int64_t BC) {
   check_cpu(dy, "dy");
   TORCH_CHECK(is_float_type(dy.scalar_type()), "dy: expected a floating dtype, got ", dy.scalar_type());
   check_operand(dy, "dy", dy.scalar_type());
   check_operand(x, "x", dy.scalar_type());
   TORCH_CHECK(dy.size(0) == x.size(0), "dy and x: batch sizes differ: ", dy.size(0), " vs ", x.size(0));
   TORCH_CHECK(BR > 0 && BC > 0, "block shape: expected positive sides, got (", BR, ", ", BC, ")");
-  const int64_t B = dy.size(0), M = dy.size(1), N = x.size(1), nnzb = row_idx.numel();
+  const int64_t M = dy.size(1), N = x.size(1), nnzb = row_idx.numel();
   check_index(row_idx, "row_idx", -1);
   check_index(col_idx, "col_idx", nnzb);
   check_range(row_idx, "row_idx", cdiv(M, BR));
@@ -961,22 +1008,85 @@ at::Tensor bsr_grad_weight_cpu(const at::Tensor& dy, const at::Tensor& x, const 
     TORCH_CHECK(pats.is_contiguous(), "mask_patterns: expected a contiguous tensor");
     check_range(*mask_ids, "mask_ids", pats.size(0));
   }
+}
+
+// dW, and where db is not null the bias gradient into it (float32 sums for half types).
+at::Tensor grad_weight_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_idx,
+                           const at::Tensor& col_idx, const std::optional<at::Tensor>& mask_ids,
+                           const std::optional<at::Tensor>& mask_patterns, int64_t BR, int64_t BC, at::Tensor* db) {
+  const int64_t B = dy.size(0), M = dy.size(1), N = x.size(1), nnzb = row_idx.numel();
+  if (db) *db = at::empty({M}, dy.options());
   if (dy.scalar_type() == at::kBFloat16 && B > 0 && nnzb > 0) {
-    if (auto dw = grad_weight_bf16_pairs(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC)) return *dw;
+    if (auto dw = grad_weight_bf16_pairs(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC)) {
+      if (db) {
+        at::Tensor sums = at::empty({M}, dy.options().dtype(at::kFloat));
+        bias_grad(dy.data_ptr<at::BFloat16>(), B, M, sums.data_ptr<float>());
+        db->copy_(sums);
+      }
+      return *dw;
+    }
   }
-  if (is_half(dy.scalar_type()))
-    return bsr_grad_weight_cpu(dy.to(at::kFloat), x.to(at::kFloat), row_idx, col_idx, mask_ids, mask_patterns, BR, BC)
-        .to(dy.scalar_type());
-  if (B == 0) return at::zeros({nnzb, BR, BC}, dy.options());
+  if (is_half(dy.scalar_type())) {
+    at::Tensor db_f;
+    at::Tensor dw = grad_weight_cpu(dy.to(at::kFloat), x.to(at::kFloat), row_idx, col_idx, mask_ids, mask_patterns, BR,
+                                    BC, db ? &db_f : nullptr);
+    if (db) db->copy_(db_f);
+    return dw.to(dy.scalar_type());
+  }
+  if (B == 0) {
+    if (db) db->zero_();
+    return at::zeros({nnzb, BR, BC}, dy.options());
+  }
   at::Tensor dw = pooled_empty({nnzb, BR, BC}, dy.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "bsr_grad_weight_cpu", [&] {
     grad_weight_kernel<scalar_t>(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), row_idx.data_ptr<int32_t>(),
                                  col_idx.data_ptr<int32_t>(),
                                  mask_ids.has_value() ? mask_ids->data_ptr<int32_t>() : nullptr,
                                  mask_patterns.has_value() ? mask_patterns->data_ptr<bool>() : nullptr,
-                                 dw.data_ptr<scalar_t>(), nnzb, B, M, N, BR, BC);
+                                 dw.data_ptr<scalar_t>(), nnzb, B, M, N, BR, BC,
+                                 db ? db->data_ptr<scalar_t>() : nullptr);
   });
   return dw;
+}
+
+at::Tensor bsr_grad_weight_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_idx,
+                               const at::Tensor& col_idx, const std::optional<at::Tensor>& mask_ids,
+                               const std::optional<at::Tensor>& mask_patterns, int64_t BR, int64_t BC) {
+  check_grad_weight_args(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC);
+  return grad_weight_cpu(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC, nullptr);
+}
+
+// db alone, summed as bsr_grad_weight_bias sums it (the same bits): for the backward's paths
+// that do not fuse it (gradient accumulation in place, no weight gradient).
+at::Tensor bsr_bias_grad_cpu(const at::Tensor& dy) {
+  check_cpu(dy, "dy");
+  TORCH_CHECK(is_float_type(dy.scalar_type()), "dy: expected a floating dtype, got ", dy.scalar_type());
+  check_operand(dy, "dy", dy.scalar_type());
+  const int64_t B = dy.size(0), M = dy.size(1);
+  if (is_half(dy.scalar_type())) {
+    at::Tensor sums = at::empty({M}, dy.options().dtype(at::kFloat));
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(dy.scalar_type(), "bsr_bias_grad_cpu", [&] {
+      bias_grad(dy.data_ptr<scalar_t>(), B, M, sums.data_ptr<float>());
+    });
+    return sums.to(dy.scalar_type());
+  }
+  at::Tensor db = at::empty({M}, dy.options());
+  AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "bsr_bias_grad_cpu", [&] {
+    bias_grad(dy.data_ptr<scalar_t>(), B, M, db.data_ptr<scalar_t>());
+  });
+  return db;
+}
+
+// (dW, db): the bias gradient summed in the pass that packs dy where the kernel has one.
+std::tuple<at::Tensor, at::Tensor> bsr_grad_weight_bias_cpu(const at::Tensor& dy, const at::Tensor& x,
+                                                            const at::Tensor& row_idx, const at::Tensor& col_idx,
+                                                            const std::optional<at::Tensor>& mask_ids,
+                                                            const std::optional<at::Tensor>& mask_patterns, int64_t BR,
+                                                            int64_t BC) {
+  check_grad_weight_args(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC);
+  at::Tensor db;
+  at::Tensor dw = grad_weight_cpu(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC, &db);
+  return {dw, db};
 }
 
 // The ISA of the micro-kernels for this process: `request` "avx512" | "avx2" | "generic" selects
@@ -1009,4 +1119,6 @@ TORCH_LIBRARY_IMPL(efcn_sparse_C, CPU, m) {
   m.impl("bsr_forward", &efcn_cpu::bsr_forward_cpu);
   m.impl("bsr_grad_input", &efcn_cpu::bsr_grad_input_cpu);
   m.impl("bsr_grad_weight", &efcn_cpu::bsr_grad_weight_cpu);
+  m.impl("bsr_grad_weight_bias", &efcn_cpu::bsr_grad_weight_bias_cpu);
+  m.impl("bsr_bias_grad", &efcn_cpu::bsr_bias_grad_cpu);
 }

@@ -510,7 +510,8 @@ __attribute__((target("avx512f"))) void pack_copy_avx512(const T* src, int64_t l
 // bytes (double: a line).
 template <typename T>
 __attribute__((target("avx512f"))) void pack_chunks_avx512(const T* src, int64_t ld, int64_t rows, int64_t cols,
-                                                           int64_t nchunks, T* dst, int64_t b0, int64_t b1) {
+                                                           int64_t nchunks, T* dst, int64_t b0, int64_t b1,
+                                                           T* sums) {
   static_assert(kMR512 == 8, "chunks of 8 entries");
   constexpr int MR = kMR512;
   const auto lanes = [](int64_t c) { return c >= MR ? 0xFFu : c <= 0 ? 0u : (1u << c) - 1; };
@@ -526,18 +527,25 @@ __attribute__((target("avx512f"))) void pack_chunks_avx512(const T* src, int64_t
       if constexpr (sizeof(T) == 4) {
         // lanes 0-7 from row b, 8-15 from row b + 1 (AVX-512F only: masked 512-bit loads)
         __m512 v = _mm512_maskz_loadu_ps(m, s0 + c * MR);
+        __m512 acc = sums ? _mm512_add_ps(_mm512_maskz_loadu_ps(m, sums + c * MR), v) : v;
         if (!pair) {
           _mm512_mask_storeu_ps(d, 0xFF, v);
-          continue;
+        } else {
+          v = _mm512_mask_expandloadu_ps(v, static_cast<__mmask16>(m) << 8, s1 + c * MR);
+          nt ? _mm512_stream_ps(d, v) : _mm512_storeu_ps(d, v);
+          acc = _mm512_add_ps(acc, _mm512_maskz_shuffle_f32x4(0x00FF, v, v, 0xEE));  // lanes 8-15 (row b + 1) down to 0-7
         }
-        v = _mm512_mask_expandloadu_ps(v, static_cast<__mmask16>(m) << 8, s1 + c * MR);
-        nt ? _mm512_stream_ps(d, v) : _mm512_storeu_ps(d, v);
+        if (sums) _mm512_mask_storeu_ps(sums + c * MR, m, acc);
       } else {
         const __m512d v0 = _mm512_maskz_loadu_pd(m, s0 + c * MR);
         nt ? _mm512_stream_pd(d, v0) : _mm512_storeu_pd(d, v0);
-        if (!pair) continue;
-        const __m512d v1 = _mm512_maskz_loadu_pd(m, s1 + c * MR);
-        nt ? _mm512_stream_pd(d + MR, v1) : _mm512_storeu_pd(d + MR, v1);
+        __m512d acc = sums ? _mm512_add_pd(_mm512_maskz_loadu_pd(m, sums + c * MR), v0) : v0;
+        if (pair) {
+          const __m512d v1 = _mm512_maskz_loadu_pd(m, s1 + c * MR);
+          nt ? _mm512_stream_pd(d + MR, v1) : _mm512_storeu_pd(d + MR, v1);
+          acc = _mm512_add_pd(acc, v1);
+        }
+        if (sums) _mm512_mask_storeu_pd(sums + c * MR, m, acc);
       }
     }
   }

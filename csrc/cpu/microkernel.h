@@ -91,9 +91,11 @@ struct Kernels {
   // rows b0 <= b < b1 of a [rows, cols] matrix: every row's consecutive mr-entry chunks as the A
   // panels of grad_weight (dy's block rows, where the block height is a multiple of mr), reading
   // each row in order and writing whole cache lines with non-temporal stores where aligned
-  // (store_fence() before use); b0 even. Null where the ISA has none.
+  // (store_fence() before use); b0 even. Where sums is not null, also sums[j] += src[b * ld + j]
+  // for j < cols, rows b in ascending order (the bias gradient, fused into this pass). Null
+  // where the ISA has none.
   void (*pack_chunks)(const T* src, int64_t ld, int64_t rows, int64_t cols, int64_t nchunks, T* dst, int64_t b0,
-                      int64_t b1);
+                      int64_t b1, T* sums);
   // out[r] = sum over segments s of sum_{k < len[s]} w[s][r * ldw + k] * x[s][k], for r < rows: a
   // matrix-vector product over the blocks of a block row (the forward at batch 1, which streams the
   // weights once and should not transpose them). Per row: lane-wise sums in ascending k, then a

@@ -11,7 +11,20 @@ from . import _native
 from ._native import forward, grad_input, grad_weight  # noqa: F401
 
 # float32/float64 natively; bfloat16/float16 are computed in float32 and rounded once at the end
+# (bfloat16 on AVX512_BF16 dot products where the CPU has them: bf16_dot())
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def bias_grad(dy):
+    """dy summed over the batch, with the same bits as grad_weight_bias's sum."""
+    return torch.ops.efcn_sparse_C.bsr_bias_grad(dy)
+
+
+def grad_weight_bias(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR: int, BC: int):
+    """(grad_weight(...), dy summed over the batch): the sum made in the pass that packs dy for
+    grad_weight where the kernel has one (AVX-512, block height a multiple of 8), else after it;
+    the same bits either way, fixed by the batch alone."""
+    return torch.ops.efcn_sparse_C.bsr_grad_weight_bias(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC)
 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:

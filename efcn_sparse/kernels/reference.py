@@ -113,6 +113,14 @@ def grad_weight(dy, x, row_idx, col_idx, mask_ids: Optional[torch.Tensor], mask_
 
 
 @_exact_dtypes
+def grad_weight_bias(dy, x, row_idx, col_idx, mask_ids: Optional[torch.Tensor],
+                     mask_patterns: Optional[torch.Tensor], BR: int, BC: int):
+    """(grad_weight(...), dy summed over the batch in the compute dtype, rounded to dy's)."""
+    return (grad_weight(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC),
+            dy.to(_compute_dtype(dy.dtype)).sum(0).to(dy.dtype))
+
+
+@_exact_dtypes
 def grad_weight_acc(out, dy, x, row_idx, col_idx, mask_ids: Optional[torch.Tensor],
                     mask_patterns: Optional[torch.Tensor]) -> None:
     """out += dW, rounded as ``out += grad_weight(...)`` rounds it; no [nnzb, BR, BC] temporary."""
