@@ -238,7 +238,6 @@ void store_tile(const T* tile, int mr, int NR, int64_t nv, OutT* out, int64_t ld
   }
 }
 
-
 template <typename T>
 void fill_rows(T* out, int64_t ldc, int64_t b0, int64_t b1, int64_t nv, const T* bias) {
   for (int64_t b = b0; b < b1; ++b) {
@@ -433,6 +432,23 @@ void bias_grad(const S* dy, int64_t B, int64_t M, T* db) {
     }
   });
   sums.finish(M, db);
+}
+
+// bias_grad of a dy tensor of any floating dtype (float32 sums for half types), in dy's dtype.
+at::Tensor bias_grad_of(const at::Tensor& dy) {
+  const int64_t B = dy.size(0), M = dy.size(1);
+  if (is_half(dy.scalar_type())) {
+    at::Tensor sums = at::empty({M}, dy.options().dtype(at::kFloat));
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(dy.scalar_type(), "bias_grad", [&] {
+      bias_grad(dy.data_ptr<scalar_t>(), B, M, sums.data_ptr<float>());
+    });
+    return sums.to(dy.scalar_type());
+  }
+  at::Tensor db = at::empty({M}, dy.options());
+  AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "bias_grad", [&] {
+    bias_grad(dy.data_ptr<scalar_t>(), B, M, db.data_ptr<scalar_t>());
+  });
+  return db;
 }
 
 // dy's block rows as grad_weight's A panels, all at once: block row i's at dyp + i * ntr * B * MR
@@ -1015,17 +1031,13 @@ at::Tensor grad_weight_cpu(const at::Tensor& dy, const at::Tensor& x, const at::
                            const at::Tensor& col_idx, const std::optional<at::Tensor>& mask_ids,
                            const std::optional<at::Tensor>& mask_patterns, int64_t BR, int64_t BC, at::Tensor* db) {
   const int64_t B = dy.size(0), M = dy.size(1), N = x.size(1), nnzb = row_idx.numel();
-  if (db) *db = at::empty({M}, dy.options());
   if (dy.scalar_type() == at::kBFloat16 && B > 0 && nnzb > 0) {
     if (auto dw = grad_weight_bf16_pairs(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC)) {
-      if (db) {
-        at::Tensor sums = at::empty({M}, dy.options().dtype(at::kFloat));
-        bias_grad(dy.data_ptr<at::BFloat16>(), B, M, sums.data_ptr<float>());
-        db->copy_(sums);
-      }
+      if (db) *db = bias_grad_of(dy);
       return *dw;
     }
   }
+  if (db) *db = at::empty({M}, dy.options());
   if (is_half(dy.scalar_type())) {
     at::Tensor db_f;
     at::Tensor dw = grad_weight_cpu(dy.to(at::kFloat), x.to(at::kFloat), row_idx, col_idx, mask_ids, mask_patterns, BR,
@@ -1062,19 +1074,7 @@ at::Tensor bsr_bias_grad_cpu(const at::Tensor& dy) {
   check_cpu(dy, "dy");
   TORCH_CHECK(is_float_type(dy.scalar_type()), "dy: expected a floating dtype, got ", dy.scalar_type());
   check_operand(dy, "dy", dy.scalar_type());
-  const int64_t B = dy.size(0), M = dy.size(1);
-  if (is_half(dy.scalar_type())) {
-    at::Tensor sums = at::empty({M}, dy.options().dtype(at::kFloat));
-    AT_DISPATCH_REDUCED_FLOATING_TYPES(dy.scalar_type(), "bsr_bias_grad_cpu", [&] {
-      bias_grad(dy.data_ptr<scalar_t>(), B, M, sums.data_ptr<float>());
-    });
-    return sums.to(dy.scalar_type());
-  }
-  at::Tensor db = at::empty({M}, dy.options());
-  AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "bsr_bias_grad_cpu", [&] {
-    bias_grad(dy.data_ptr<scalar_t>(), B, M, db.data_ptr<scalar_t>());
-  });
-  return db;
+  return bias_grad_of(dy);
 }
 
 // (dW, db): the bias gradient summed in the pass that packs dy where the kernel has one.

@@ -113,11 +113,15 @@ def grad_weight(dy, x, row_idx, col_idx, mask_ids: Optional[torch.Tensor], mask_
 
 
 @_exact_dtypes
+def bias_grad(dy):
+    """dy summed over the batch in the compute dtype, rounded to dy's."""
+    return dy.to(_compute_dtype(dy.dtype)).sum(0).to(dy.dtype)
+
+
 def grad_weight_bias(dy, x, row_idx, col_idx, mask_ids: Optional[torch.Tensor],
                      mask_patterns: Optional[torch.Tensor], BR: int, BC: int):
-    """(grad_weight(...), dy summed over the batch in the compute dtype, rounded to dy's)."""
-    return (grad_weight(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC),
-            dy.to(_compute_dtype(dy.dtype)).sum(0).to(dy.dtype))
+    """(grad_weight(...), bias_grad(dy))."""
+    return grad_weight(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC), bias_grad(dy)
 
 
 @_exact_dtypes
