@@ -98,3 +98,52 @@ def test_paired_tight_vs_wide_tiles_on_the_rgb_input_layer(op, backend):
     ca(fa())
     te, ta = _paired(fe, fa)
     _record("L1", op, f"efcn[{backend}], {wide[0]}x{wide[1]} tiles", backend, te, ta, case.describe())
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_paired_bf16_autocast_training_step(backend):
+    """L2 forward+backward as a bfloat16 autocast training step runs it (module call on the image,
+    backward into the float32 master weights and the input), against the conv under the same
+    autocast; and, where the backend takes the float32 values uncast (ops.linear), against itself
+    with the weights cast to a bfloat16 copy each step (as autocast did before): the same gradient
+    bits, the copy's time saved."""
+    from unittest import mock
+
+    import torch
+
+    from efcn_sparse import SparseEFCN, ops
+
+    case = next(c for c in bl.cases() if c.name == "L2")
+    st = bl.layer_state(case)
+    m = SparseEFCN.from_conv(st.conv, (case.hw, case.hw), halo=case.halo, block_shape=case.block_shape,
+                             backend=backend)
+    conv = st.conv
+    x_e, x_c = st.x_img.detach().requires_grad_(), st.x_nchw.detach().requires_grad_()
+    gy_e, gy_c = st.gy_img.to(torch.bfloat16), st.gy_nchw.to(torch.bfloat16)
+
+    def step(net, x, gy):
+        net.zero_grad(set_to_none=True)
+        x.grad = None
+        with torch.autocast(bl.DEVICE.type, dtype=torch.bfloat16):
+            y = net(x)
+        y.backward(gy)
+        return y
+
+    def cast_copy():
+        with mock.patch.object(ops, "_keeps_float32_values", lambda *a: False):
+            return step(m, x_e, gy_e)
+
+    y_e, y_c = step(m, x_e, gy_e), step(conv, x_c, gy_c)
+    assert y_e.dtype == y_c.dtype == torch.bfloat16
+    bl.assert_close(st.flat(y_e.float()), st.flat(y_c.float()), "L2 bf16 autocast output vs conv", tol=2e-2)
+    assert m.values.grad.dtype == torch.float32
+    uncast = ops._keeps_float32_values(backend, st.x.to(torch.bfloat16), m.values, m.layout)
+    te, ta = _paired(lambda: step(m, x_e, gy_e), lambda: step(conv, x_c, gy_c))
+    _record("L2", "fwd_bwd_bf16_autocast", "conv (autocast)", backend, te, ta, case.describe())
+    if uncast:
+        g_uncast = m.values.grad.clone()
+        cast_copy()
+        assert torch.equal(m.values.grad, g_uncast)  # the same bits either way
+        te, ta = _paired(lambda: step(m, x_e, gy_e), cast_copy)
+        _record("L2", "fwd_bwd_bf16_autocast", f"efcn[{backend}], values cast to a bf16 copy", backend, te, ta,
+                case.describe())

@@ -8,7 +8,10 @@
   pass over dY where the backend can (cpu), else one more pass
 
 W is the (M, N) matrix of a :class:`~efcn_sparse.layout.BSRLayout` with ``values``
-[nnzb, BR, BC]. Values at masked entries must be zero (``SparseEFCN`` keeps them so: their
+[nnzb, BR, BC]. ``values`` has the dtype of X (dY), or is float32 with a bfloat16/float16 X (dY):
+then the op computes as with ``values.to(X.dtype)`` (autocast's float32 master weights; backends
+that round them as they pack them skip the copy), and dW can come back in float32, the
+half-precision result widened (``dw_dtype``). Values at masked entries must be zero (``SparseEFCN`` keeps them so: their
 gradient is exactly zero). ``backend`` names a kernel implementation (``efcn_sparse.backends``);
 it is resolved inside the op, so ``torch.compile`` sees one opaque op whatever runs.
 """
@@ -27,12 +30,20 @@ __all__ = ["bsr_linear", "bsr_grad_input", "bsr_grad_weight", "bsr_grad_weight_a
            "autocast_dtype"]
 
 
-def _check_operand(name: str, t: Tensor, cols: int, values: Tensor) -> None:
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _float32_values_for(dtype: torch.dtype, values: Tensor) -> bool:
+    """Whether ``values`` are float32 master weights of an op computing in half-precision ``dtype``."""
+    return values.dtype == torch.float32 and dtype in _HALF
+
+
+def _check_operand(name: str, t: Tensor, cols: int, values: Tensor, float32_values: bool = False) -> None:
     if t.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D tensor [batch, {cols}], got shape {tuple(t.shape)}")
     if t.shape[1] != cols:
         raise ValueError(f"{name}: expected {cols} features, got {t.shape[1]} (shape {tuple(t.shape)})")
-    if t.dtype != values.dtype:
+    if t.dtype != values.dtype and not (float32_values and _float32_values_for(t.dtype, values)):
         raise TypeError(f"{name}: dtype {t.dtype} does not match the weights' dtype {values.dtype}")
     if t.device != values.device:
         raise RuntimeError(f"{name}: on device {t.device}, but the weights are on {values.device}")
@@ -45,6 +56,20 @@ def _check_blocks(name: str, n: int, block: int, n_blocks: int) -> None:
 
 def _kernels(backend: str, device: torch.device, **shape_class):
     return backends.kernels(backends.resolve(backend, device, **shape_class))
+
+
+def _takes_float32_values(k, dtype: torch.dtype) -> bool:
+    """Whether kernel module ``k`` computes in ``dtype`` from float32 values itself (kernel
+    ``takes_float32_values``), rounding them as it packs them, instead of needing a cast copy."""
+    fn = getattr(k, "takes_float32_values", None)
+    return fn is not None and bool(fn(dtype))
+
+
+def _values_for(k, a: Tensor, values: Tensor) -> Tensor:
+    # float32 values with a half-precision operand: the kernel rounds them itself, or gets a copy
+    if values.dtype == a.dtype or _takes_float32_values(k, a.dtype):
+        return values
+    return values.to(a.dtype)
 
 
 # --------------------------------------------------------------------------- forward
@@ -66,14 +91,14 @@ def bsr_linear(
     accumulate_grad: bool = False,
 ) -> Tensor:
     """Y [B, M] = X [B, N] W^T + bias. ``accumulate_grad``: see :func:`linear`."""
-    _check_operand("input", x, x.shape[1], values)
+    _check_operand("input", x, x.shape[1], values, float32_values=True)
     _check_blocks("input", x.shape[1], values.shape[2], ccol_ptr.numel() - 1)
     _check_blocks("output", M, values.shape[1], crow_ptr.numel() - 1)
     k = _kernels(backend, x.device, op="forward", dtype=x.dtype, batch=x.shape[0], block_shape=values.shape[1:])
     if x.shape[0] == 0:
         return x.new_empty(0, M)
-    return k.forward(x.contiguous(), values.contiguous(), None if bias is None else bias.contiguous(),
-                     crow_ptr, col_idx, row_idx, M)
+    return k.forward(x.contiguous(), _values_for(k, x, values).contiguous(),
+                     None if bias is None else bias.contiguous(), crow_ptr, col_idx, row_idx, M)
 
 
 @bsr_linear.register_fake
@@ -111,15 +136,16 @@ def _backward(ctx, dy):
     if ctx.needs_input_grad[0]:
         dx = bsr_grad_input(dy, values, ccol_ptr, t_row_idx, t_perm, x.shape[1], ctx.backend)
     need_db = ctx.has_bias and ctx.needs_input_grad[2]
+    dw_dtype = values.dtype if values.dtype != dy.dtype else None  # float32 master values
     if ctx.needs_input_grad[1]:
         if _accumulates_in_place(ctx, values, dy):
             bsr_grad_weight_acc(values.grad, dy, x, row_idx, col_idx, mask_ids, mask_patterns, ctx.backend)
         elif need_db:
             dw, db = bsr_grad_weight_bias(dy, x, row_idx, col_idx, mask_ids, mask_patterns, values.shape[1],
-                                          values.shape[2], ctx.backend)
+                                          values.shape[2], ctx.backend, dw_dtype)
         else:
             dw = bsr_grad_weight(dy, x, row_idx, col_idx, mask_ids, mask_patterns, values.shape[1], values.shape[2],
-                                 ctx.backend)
+                                 ctx.backend, dw_dtype)
     if need_db and db is None:
         db = _bias_grad(dy, ctx.backend)
     return dx, dw, db, None, None, None, None, None, None, None, None, None, None, None
@@ -133,12 +159,12 @@ bsr_linear.register_autograd(_backward, setup_context=_setup_context)
 def bsr_grad_input(dy: Tensor, values: Tensor, ccol_ptr: Tensor, t_row_idx: Tensor, t_perm: Tensor, N: int,
                    backend: str) -> Tensor:
     """dX [B, N] = dY [B, M] W."""
-    _check_operand("grad_output", dy, dy.shape[1], values)
+    _check_operand("grad_output", dy, dy.shape[1], values, float32_values=True)
     _check_blocks("grad_input", N, values.shape[2], ccol_ptr.numel() - 1)
     if dy.shape[0] == 0:
         return dy.new_zeros(0, N)
     k = _kernels(backend, dy.device, op="grad_input", dtype=dy.dtype, batch=dy.shape[0], block_shape=values.shape[1:])
-    return k.grad_input(dy.contiguous(), values.contiguous(), ccol_ptr, t_row_idx, t_perm, N)
+    return k.grad_input(dy.contiguous(), _values_for(k, dy, values).contiguous(), ccol_ptr, t_row_idx, t_perm, N)
 
 
 @bsr_grad_input.register_fake
@@ -154,20 +180,42 @@ def _check_grad_weight_operands(dy: Tensor, x: Tensor) -> None:
         raise TypeError(f"grad_weight: dy dtype {dy.dtype} differs from x dtype {x.dtype}")
 
 
+def _dw_dtype(dy: Tensor, dw_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype dW is returned in: dy's (None), or float32 for a half-precision dy."""
+    if dw_dtype is None or dw_dtype == dy.dtype:
+        return dy.dtype
+    if dw_dtype == torch.float32 and dy.dtype in _HALF:
+        return dw_dtype
+    raise TypeError(f"grad_weight: dw_dtype must be dy's dtype ({dy.dtype}) or float32 for a half-precision dy, "
+                    f"got {dw_dtype}")
+
+
+def _grad_weight_as(k, dtype: torch.dtype, dy: Tensor, x: Tensor, *args) -> Tensor:
+    # dW computed in dy's dtype, returned in `dtype`: widened by the kernel (grad_weight_as) or after it
+    if dtype == dy.dtype:
+        return k.grad_weight(dy, x, *args)
+    fn = getattr(k, "grad_weight_as", None)
+    return fn(dy, x, *args, dtype) if fn is not None else k.grad_weight(dy, x, *args).to(dtype)
+
+
 @torch.library.custom_op("efcn_sparse::bsr_grad_weight", mutates_args=())
 def bsr_grad_weight(dy: Tensor, x: Tensor, row_idx: Tensor, col_idx: Tensor, mask_ids: Optional[Tensor],
-                    mask_patterns: Optional[Tensor], BR: int, BC: int, backend: str) -> Tensor:
-    """dW [nnzb, BR, BC] = (dY^T X) restricted to the stored blocks, times the element mask."""
+                    mask_patterns: Optional[Tensor], BR: int, BC: int, backend: str,
+                    dw_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """dW [nnzb, BR, BC] = (dY^T X) restricted to the stored blocks, times the element mask,
+    computed in dY's dtype and returned in ``dw_dtype`` (None: dY's; float32 for a
+    half-precision dY: the gradient of float32 master values, the result widened)."""
     _check_grad_weight_operands(dy, x)
+    out = _dw_dtype(dy, dw_dtype)
     if dy.shape[0] == 0:
-        return dy.new_zeros(row_idx.numel(), BR, BC)
+        return dy.new_zeros(row_idx.numel(), BR, BC, dtype=out)
     k = _kernels(backend, dy.device, op="grad_weight", dtype=dy.dtype, batch=dy.shape[0], block_shape=(BR, BC))
-    return k.grad_weight(dy.contiguous(), x.contiguous(), row_idx, col_idx, mask_ids, mask_patterns, BR, BC)
+    return _grad_weight_as(k, out, dy.contiguous(), x.contiguous(), row_idx, col_idx, mask_ids, mask_patterns, BR, BC)
 
 
 @bsr_grad_weight.register_fake
-def _(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC, backend):
-    return dy.new_empty(row_idx.shape[0], BR, BC)
+def _(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC, backend, dw_dtype=None):
+    return dy.new_empty(row_idx.shape[0], BR, BC, dtype=_dw_dtype(dy, dw_dtype))
 
 
 def _bias_grad(dy: Tensor, backend: str) -> Tensor:
@@ -180,24 +228,27 @@ def _bias_grad(dy: Tensor, backend: str) -> Tensor:
 
 @torch.library.custom_op("efcn_sparse::bsr_grad_weight_bias", mutates_args=())
 def bsr_grad_weight_bias(dy: Tensor, x: Tensor, row_idx: Tensor, col_idx: Tensor, mask_ids: Optional[Tensor],
-                         mask_patterns: Optional[Tensor], BR: int, BC: int, backend: str) -> Tuple[Tensor, Tensor]:
-    """(dW, db): ``bsr_grad_weight`` and the bias gradient dY summed over the batch [M]
-    (accumulated in float32 for half types), the sum fused into the backend's pass over dY
-    where it has one (kernel ``grad_weight_bias``), else computed after it."""
+                         mask_patterns: Optional[Tensor], BR: int, BC: int, backend: str,
+                         dw_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+    """(dW, db): ``bsr_grad_weight`` (dW in ``dw_dtype``) and the bias gradient dY summed over
+    the batch [M] in dY's dtype (accumulated in float32 for half types), the sum fused into the
+    backend's pass over dY where it has one (kernel ``grad_weight_bias``), else computed after it."""
     _check_grad_weight_operands(dy, x)
+    out = _dw_dtype(dy, dw_dtype)
     if dy.shape[0] == 0:
-        return dy.new_zeros(row_idx.numel(), BR, BC), dy.new_zeros(dy.shape[1])
+        return dy.new_zeros(row_idx.numel(), BR, BC, dtype=out), dy.new_zeros(dy.shape[1])
     k = _kernels(backend, dy.device, op="grad_weight", dtype=dy.dtype, batch=dy.shape[0], block_shape=(BR, BC))
     dy, x = dy.contiguous(), x.contiguous()
     fused = getattr(k, "grad_weight_bias", None)
     if fused is not None:
-        return fused(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC)
-    return k.grad_weight(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC), _bias_grad(dy, backend)
+        args = (dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC)
+        return fused(*args) if out == dy.dtype else fused(*args, out)
+    return _grad_weight_as(k, out, dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC), _bias_grad(dy, backend)
 
 
 @bsr_grad_weight_bias.register_fake
-def _(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC, backend):
-    return dy.new_empty(row_idx.shape[0], BR, BC), dy.new_empty(dy.shape[1])
+def _(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC, backend, dw_dtype=None):
+    return dy.new_empty(row_idx.shape[0], BR, BC, dtype=_dw_dtype(dy, dw_dtype)), dy.new_empty(dy.shape[1])
 
 
 @torch.library.custom_op("efcn_sparse::bsr_grad_weight_acc", mutates_args=("out",))
@@ -257,6 +308,9 @@ def linear(x: Tensor, layout: BSRLayout, values: Tensor, bias: Optional[Tensor] 
 
     Inside ``torch.autocast`` it computes in the autocast dtype, as ``F.linear`` does: ``x``,
     ``values`` and ``bias`` are cast (float64 is left alone) and the output has that dtype.
+    Where the backend rounds float32 values itself as it packs them (the ``cpu`` backend's
+    bfloat16 dot-product kernels), the values are not copied: the ops take the float32 master
+    values and return their gradient in float32, with the same bits as through the cast.
 
     ``accumulate_grad=True`` (eager autograd only): when ``values`` is a leaf whose ``.grad``
     already exists (gradient accumulation, ``zero_grad(set_to_none=False)``), the backward adds
@@ -265,14 +319,30 @@ def linear(x: Tensor, layout: BSRLayout, values: Tensor, bias: Optional[Tensor] 
     ``values``) it does what ``False`` does. Hooks on ``values``' gradient accumulator (DDP,
     FSDP) do not fire for the in-place path: use it only without them."""
     M, N = layout.shape
+    name = backends.check_name(backend or backends.get_default_backend())
     cast = autocast_dtype(x.device) if isinstance(x, Tensor) else None
+    float32_values = False
     if cast is not None:
-        x, values, bias = _autocast(x, cast), _autocast(values, cast), _autocast(bias, cast)
+        x, bias = _autocast(x, cast), _autocast(bias, cast)
+        float32_values = _keeps_float32_values(name, x, values, layout)
+        if not float32_values:
+            values = _autocast(values, cast)
     if values.shape[1:] != torch.Size(layout.block_shape) or values.shape[0] != layout.nnzb:
         layout.check_values(values)
-    _check_operand("input", x, N, values)
+    _check_operand("input", x, N, values, float32_values)
     if bias is not None and tuple(bias.shape) != (M,):
         raise ValueError(f"bias: expected shape ({M},), got {tuple(bias.shape)}")
     return bsr_linear(x, values, bias, layout.crow_ptr, layout.col_idx, layout.row_idx, layout.ccol_ptr,
-                      layout.t_row_idx, layout.t_perm, layout.mask_ids, layout.mask_patterns, M,
-                      backends.check_name(backend or backends.get_default_backend()), accumulate_grad)
+                      layout.t_row_idx, layout.t_perm, layout.mask_ids, layout.mask_patterns, M, name,
+                      accumulate_grad)
+
+
+def _keeps_float32_values(backend: str, x: Tensor, values: Tensor, layout: BSRLayout) -> bool:
+    """Under autocast: whether float32 ``values`` go to the ops uncast, because the backends of
+    both ops that read them (forward, grad_input) round them to ``x``'s dtype themselves. Eager
+    only: under torch.compile the cast stays in the graph."""
+    if not _float32_values_for(x.dtype, values) or x.dim() != 2 or torch.compiler.is_compiling():
+        return False
+    return all(_takes_float32_values(_kernels(backend, x.device, op=op, dtype=x.dtype, batch=x.shape[0],
+                                              block_shape=layout.block_shape), x.dtype)
+               for op in ("forward", "grad_input"))

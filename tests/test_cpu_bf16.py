@@ -107,3 +107,83 @@ def test_environment_switch_is_read_at_each_call(monkeypatch):
     assert cpu.bf16_dot() is False
     monkeypatch.setenv("EFCN_CPU_BF16_DOT", "1")
     assert cpu.bf16_dot() is True
+
+
+# ------------------------------------------------------------------ float32 values (autocast)
+def _ties_and_subnormals(v):
+    """v with some entries replaced by float32 numbers that test rounding to bfloat16: exact ties
+    (low 16 bits 0x8000) on even and odd bfloat16 mantissas, near-ties, subnormals, +-0."""
+    bits = v.view(torch.int32).clone()
+    flat = bits.view(-1)
+    n = flat.numel()
+    idx = torch.randperm(n)[: n // 4]
+    specials = torch.tensor([0x3F808000, 0x3F818000, 0x3F807FFF, 0x3F808001, 0xBF818000, 0x00008000, 0x00018000,
+                             0x00007FFF, 0x80000000, 0x00000000], dtype=torch.int64)
+    flat[idx] = specials[torch.arange(idx.numel()) % specials.numel()].to(torch.int32)
+    return bits.view(torch.float32)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}_b{s[2]}x{s[3]}")
+@pytest.mark.parametrize("B", [2, 29])
+def test_float32_values_compute_as_their_bfloat16_copy(shape, B):
+    """float32 values with bfloat16 x/dy (autocast's master weights, handed over uncast): the same
+    bits as with values.to(bfloat16), ties-to-even and subnormals included, whether the kernel
+    rounds them while packing or (shapes it does not cover) copies; dW widened to float32 is the
+    bfloat16 dW exactly."""
+    lay, x, dy, _, bias = _inputs(shape, B)
+    v32 = lay.apply_mask(_ties_and_subnormals(torch.randn(lay.nnzb, *lay.block_shape)))
+    v16 = v32.to(torch.bfloat16)
+    assert not torch.equal(v16.float(), v32)  # the rounding matters
+    C = torch.ops.efcn_sparse_C
+    M, N = lay.shape
+    BR, BC = lay.block_shape
+    got = run_all(backends.kernels("cpu"), lay, x, dy, v32, bias)[:2]
+    want = run_all(backends.kernels("cpu"), lay, x, dy, v16, bias)
+    for g, w, what in zip(got, want, ("forward", "grad_input")):
+        assert g.dtype == torch.bfloat16 and torch.equal(g, w), what
+    for dw in (C.bsr_grad_weight_as(dy, x, lay.row_idx, lay.col_idx, lay.mask_ids, lay.mask_patterns, BR, BC,
+                                    torch.float32),
+               C.bsr_grad_weight_bias(dy, x, lay.row_idx, lay.col_idx, lay.mask_ids, lay.mask_patterns, BR, BC,
+                                      torch.float32)[0]):
+        assert dw.dtype == torch.float32 and torch.equal(dw, want[2].float())
+
+
+def test_float32_values_with_float16_operands_compute_as_their_float16_copy():
+    lay, x, dy, _, _ = _inputs(SHAPES[0], 13)
+    v32 = random_values(lay, torch.float32)
+    h = torch.float16
+    got = run_all(backends.kernels("cpu"), lay, x.to(h), dy.to(h), v32, None)
+    want = run_all(backends.kernels("cpu"), lay, x.to(h), dy.to(h), v32.to(h), None)
+    for g, w in zip(got[:2], want[:2]):
+        assert g.dtype == h and torch.equal(g, w)
+    BR, BC = lay.block_shape
+    dw = torch.ops.efcn_sparse_C.bsr_grad_weight_as(dy.to(h), x.to(h), lay.row_idx, lay.col_idx, lay.mask_ids,
+                                                     lay.mask_patterns, BR, BC, torch.float32)
+    assert dw.dtype == torch.float32 and torch.equal(dw, want[2].float())
+
+
+def test_float32_values_are_rounded_alike_with_dot_products_off(dot_off):
+    lay, x, dy, _, bias = _inputs(SHAPES[1], 13)
+    v32 = random_values(lay, torch.float32)
+    got = run_all(backends.kernels("cpu"), lay, x, dy, v32, bias)
+    want = run_all(backends.kernels("cpu"), lay, x, dy, v32.to(torch.bfloat16), bias)
+    for g, w in zip(got[:2], want[:2]):
+        assert torch.equal(g, w)
+
+
+def test_mixed_dtypes_other_than_float32_values_are_refused():
+    lay, x, dy, v16, bias = _inputs(SHAPES[0], 3)
+    M, N = lay.shape
+    BR, BC = lay.block_shape
+    C = torch.ops.efcn_sparse_C
+    with pytest.raises(RuntimeError, match="x: dtype Float does not match BFloat16"):
+        C.bsr_forward(x.float(), v16, bias, lay.crow_ptr, lay.col_idx, lay.row_idx, M)  # float32 x, bf16 values
+    with pytest.raises(RuntimeError, match="x: dtype BFloat16 does not match Double"):
+        C.bsr_forward(x, v16.double(), None, lay.crow_ptr, lay.col_idx, lay.row_idx, M)
+    with pytest.raises(RuntimeError, match="bias: dtype Float does not match BFloat16"):
+        C.bsr_forward(x, v16.float(), bias.float(), lay.crow_ptr, lay.col_idx, lay.row_idx, M)
+    with pytest.raises(RuntimeError, match="dw_dtype: expected BFloat16 .* got Double"):
+        C.bsr_grad_weight_as(dy, x, lay.row_idx, lay.col_idx, lay.mask_ids, lay.mask_patterns, BR, BC, torch.float64)
+    with pytest.raises(RuntimeError, match="dw_dtype: expected Float .* got BFloat16"):
+        C.bsr_grad_weight_as(dy.float(), x.float(), lay.row_idx, lay.col_idx, lay.mask_ids, lay.mask_patterns, BR, BC,
+                             torch.bfloat16)

@@ -48,6 +48,37 @@ def test_opcheck_passes_for_all_three_ops(masked):
                                                 lay.mask_patterns, 8, 8, "reference"))
 
 
+@pytest.mark.parametrize("backend", [b for b in ("reference", "cpu") if b in efcn_sparse.available_backends("cpu")])
+def test_opcheck_passes_with_float32_values_and_bfloat16_operands(backend):
+    """autocast's float32 master values handed to the ops uncast: registrations (fake dtype of
+    dW, autograd) hold for the mixed call too."""
+    lay, vals, _ = random_layout(M=24, N=40, masked=True, dtype=torch.float32)
+    x = torch.randn(3, 40).bfloat16().requires_grad_(True)
+    vals.requires_grad_(True)
+    b = torch.randn(24).bfloat16().requires_grad_(True)
+    torch.library.opcheck(ops.bsr_linear, _args(lay, vals, x, b, backend))
+    dy = torch.randn(3, 24).bfloat16()
+    torch.library.opcheck(ops.bsr_grad_input, (dy, vals.detach(), lay.ccol_ptr, lay.t_row_idx, lay.t_perm, 40, backend))
+    gw = (dy, x.detach(), lay.row_idx, lay.col_idx, lay.mask_ids, lay.mask_patterns, 8, 8, backend, torch.float32)
+    torch.library.opcheck(ops.bsr_grad_weight, gw)
+    torch.library.opcheck(ops.bsr_grad_weight_bias, gw)
+    dw, db = ops.bsr_grad_weight_bias(*gw)
+    assert dw.dtype == torch.float32 and db.dtype == torch.bfloat16
+    assert torch.equal(dw, ops.bsr_grad_weight(*gw[:-1]).float())
+
+
+def test_grad_weight_refuses_a_dw_dtype_it_cannot_give():
+    lay, _, _ = random_layout(M=24, N=40)
+    dy, x = torch.randn(3, 24), torch.randn(3, 40)
+    args = (lay.row_idx, lay.col_idx, lay.mask_ids, lay.mask_patterns, 8, 8, "reference")
+    with pytest.raises(TypeError, match="dw_dtype must be dy's dtype"):
+        ops.bsr_grad_weight(dy, x, *args, torch.float64)
+    with pytest.raises(TypeError, match="dw_dtype must be dy's dtype"):
+        ops.bsr_grad_weight_bias(dy.bfloat16(), x.bfloat16(), *args, torch.float16)
+    with pytest.raises(TypeError, match="does not match the weights' dtype"):  # float32 x, bfloat16 values
+        ops.bsr_linear(*_args(lay, torch.randn(lay.nnzb, 8, 8).bfloat16(), torch.randn(3, 40), None))
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_gradcheck_in_float64(masked):
     lay, vals, _ = random_layout(M=20, N=28, block=(8, 4), masked=masked)

@@ -822,10 +822,57 @@ std::optional<at::Tensor> forward_bf16_pairs(const at::Tensor& x, const at::Tens
   return y;
 }
 
+// The bfloat16 forward against float32 values (autocast's float32 master weights), each rounded to
+// bfloat16 as it is packed, as values.to(bfloat16) would round it: the result of
+// forward_bf16_pairs on that copy, bit for bit, without making it. Where the CPU has the pair
+// kernels and the blocks fill a tile (no grouped narrow forward), N and BC even; nullopt otherwise.
+std::optional<at::Tensor> forward_bf16_pairs_f32w(const at::Tensor& x, const at::Tensor& values,
+                                                  const std::optional<at::Tensor>& bias, const at::Tensor& crow_ptr,
+                                                  const at::Tensor& col_idx, int64_t M) {
+  const Kernels<float>* pairs = bf16_pair_kernels();
+  const int64_t B = x.size(0), N = x.size(1), BR = values.size(1), BC = values.size(2);
+  if (!pairs || N % 2 != 0 || BC % 2 != 0 || 2 * BR <= pairs->nr || reinterpret_cast<uintptr_t>(x.data_ptr()) % 4 != 0)
+    return std::nullopt;
+  const Kernels<float>& ks = *pairs;
+  const int NR = ks.nr;
+  const int64_t nq = cdiv(BR, NR), BCw = BC / 2, Nw = N / 2, blk = BR * BC;
+  const int32_t *crow = crow_ptr.data_ptr<int32_t>(), *col = col_idx.data_ptr<int32_t>();
+  const float* w = values.data_ptr<float>();
+  at::Tensor y = pooled_empty({B, M}, at::kBFloat16);
+  auto extent = [=](int64_t p) { return std::min(BCw, Nw - col[p] * BCw); };
+  // item: the element offset of the segment's first entry in the values (k0 words in)
+  auto make = [=](int64_t p, int64_t k0, int64_t k) { return Seg<float>{col[p] * BCw + k0, nullptr, k, p * blk + 2 * k0}; };
+  auto blocks = [=](int64_t i) { return std::make_tuple(int64_t{crow[i]}, int64_t{crow[i + 1]}, extent, make); };
+  // as forward_kernel's pack_b on the rounded rows: B[q][kw][n] = the pair (W[q*NR + n][2kw], W[..][2kw + 1])
+  auto pack_b = [=, &ks](const std::vector<Seg<float>>& sg, int64_t K, int64_t nv, float* bp) {
+    thread_local std::vector<uint16_t> rounded;
+    rounded.resize(NR * 2 * kKMax);
+    int64_t koff = 0;
+    for (const Seg<float>& sgm : sg) {
+      for (int64_t q = 0; q < nq; ++q) {
+        const int64_t rows = std::min<int64_t>(NR, nv - q * NR);
+        round_rows_bf16(w + sgm.item + q * NR * BC, BC, rows, 2 * sgm.k, rounded.data(), 2 * sgm.k);
+        ks.pack_transposed(reinterpret_cast<const float*>(rounded.data()), sgm.k, rows, sgm.k, bp + (q * K + koff) * NR);
+      }
+      koff += sgm.k;
+    }
+  };
+  auto lines = [=](int64_t i, int64_t part, int64_t nparts, std::vector<LineRange>& out) {  // contiguous
+    const float* first = w + int64_t{crow[i]} * blk;
+    lines_part(1, (int64_t{crow[i + 1]} - crow[i]) * blk * int64_t{sizeof(float)}, [=](int64_t) { return first; },
+               part, nparts, out);
+  };
+  slice_gemm<float, at::BFloat16>(ks, reinterpret_cast<const float*>(x.data_ptr()), B, Nw, y.data_ptr<at::BFloat16>(),
+                                  M, cdiv(M, BR), BR, M, bias.has_value() ? bias->data_ptr<at::BFloat16>() : nullptr,
+                                  B * crow[cdiv(M, BR)] * blk / 2, blocks, pack_b, lines);
+  return y;
+}
+
 // grad_input in bfloat16 on the bf16 pair kernels: K (the rows of W, entries of dy) taken in
 // pairs, so dy is read as 32-bit words and each group's block rows are interleaved two by two
 // (pack_bf16_pairs). Where the CPU has them and the shape allows (M and BR even, blocks wider
-// than half a tile, dy word-aligned); nullopt otherwise.
+// than half a tile, dy word-aligned); nullopt otherwise. float32 values (autocast's master
+// weights) are rounded to bfloat16 as they are packed, with the bits values.to(bfloat16) gives.
 std::optional<at::Tensor> grad_input_bf16_pairs(const at::Tensor& dy, const at::Tensor& values,
                                                 const at::Tensor& ccol_ptr, const at::Tensor& t_row_idx,
                                                 const at::Tensor& t_perm, int64_t N) {
@@ -839,7 +886,11 @@ std::optional<at::Tensor> grad_input_bf16_pairs(const at::Tensor& dy, const at::
   const int64_t nq = cdiv(BC, NR), BRw = BR / 2, Mw = M / 2, blk = BR * BC;
   const int32_t *ccol = ccol_ptr.data_ptr<int32_t>(), *t_row = t_row_idx.data_ptr<int32_t>(),
                 *perm = t_perm.data_ptr<int32_t>();
-  const uint16_t* w = reinterpret_cast<const uint16_t*>(values.data_ptr());
+  const bool f32w = values.scalar_type() == at::kFloat;
+  const uint16_t* w = f32w ? nullptr : reinterpret_cast<const uint16_t*>(values.data_ptr());
+  const float* wf = f32w ? values.data_ptr<float>() : nullptr;
+  const int64_t esize = values.element_size();
+  const char* wbytes = reinterpret_cast<const char*>(values.data_ptr());
   at::Tensor dx = pooled_empty({B, N}, at::kBFloat16);
   auto extent = [=](int64_t k) { return std::min(BRw, Mw - t_row[k] * BRw); };
   // item: the element offset of the segment's first row in the values
@@ -851,15 +902,19 @@ std::optional<at::Tensor> grad_input_bf16_pairs(const at::Tensor& dy, const at::
   auto pack_b = [=](const std::vector<Seg<float>>& sg, int64_t K, int64_t nv, float* bp) {
     int64_t koff = 0;
     for (const Seg<float>& sgm : sg) {
-      for (int64_t q = 0; q < nq; ++q)
-        pack_bf16_pairs(w + sgm.item + q * NR, BC, 2 * sgm.k, std::min<int64_t>(NR, nv - q * NR), NR,
-                        bp + (q * K + koff) * NR);
+      for (int64_t q = 0; q < nq; ++q) {
+        const int64_t cols = std::min<int64_t>(NR, nv - q * NR);
+        if (f32w)
+          pack_bf16_pairs_f32(wf + sgm.item + q * NR, BC, 2 * sgm.k, cols, NR, bp + (q * K + koff) * NR);
+        else
+          pack_bf16_pairs(w + sgm.item + q * NR, BC, 2 * sgm.k, cols, NR, bp + (q * K + koff) * NR);
+      }
       koff += sgm.k;
     }
   };
   auto lines = [=](int64_t j, int64_t part, int64_t nparts, std::vector<LineRange>& out) {
-    lines_part(ccol[j + 1] - ccol[j], blk * 2, [=](int64_t b) { return w + perm[ccol[j] + b] * blk; }, part, nparts,
-               out);
+    lines_part(ccol[j + 1] - ccol[j], blk * esize, [=](int64_t b) { return wbytes + perm[ccol[j] + b] * blk * esize; },
+               part, nparts, out);
   };
   slice_gemm<float, at::BFloat16>(ks, reinterpret_cast<const float*>(dy.data_ptr()), B, Mw,
                                   dx.data_ptr<at::BFloat16>(), N, cdiv(N, BC), BC, N, nullptr,
@@ -871,11 +926,12 @@ std::optional<at::Tensor> grad_input_bf16_pairs(const at::Tensor& dy, const at::
 // and x, interleaved once per call into per-block-column x panels and per-block-row dy panels
 // (pack_bf16_pairs), then one [BR x B] @ [B x BC] product per block as in the float kernel.
 // Where the CPU has them and the shape allows (blocks as wide as grad_weight's wide path, BR a
-// multiple of the tile height); nullopt otherwise.
+// multiple of the tile height); nullopt otherwise. dw_dtype float32: the bfloat16 results widened
+// (autocast's gradient for float32 master values, without a bfloat16 temporary).
 std::optional<at::Tensor> grad_weight_bf16_pairs(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_idx,
                                                  const at::Tensor& col_idx, const std::optional<at::Tensor>& mask_ids,
                                                  const std::optional<at::Tensor>& mask_patterns, int64_t BR,
-                                                 int64_t BC) {
+                                                 int64_t BC, at::ScalarType dw_dtype) {
   const Kernels<float>* pairs = bf16_pair_kernels();
   if (!pairs || narrow_grad_weight(BC, pairs->nr) || BR % pairs->mr != 0) return std::nullopt;
   const Kernels<float>& ks = *pairs;
@@ -885,7 +941,7 @@ std::optional<at::Tensor> grad_weight_bf16_pairs(const at::Tensor& dy, const at:
   const int64_t nchunks = cdiv(M, BR) * ntr;
   const uint16_t* x16 = reinterpret_cast<const uint16_t*>(x.data_ptr());
   const uint16_t* dy16 = reinterpret_cast<const uint16_t*>(dy.data_ptr());
-  at::Tensor dw = pooled_empty({nnzb, BR, BC}, at::kBFloat16);
+  at::Tensor dw = pooled_empty({nnzb, BR, BC}, dw_dtype);
   at::Tensor xp_t = pooled_empty({nbc * nq * Bp * NR}, at::kFloat), dyp_t = pooled_empty({nchunks * Bp * MR}, at::kFloat);
   float *xp = xp_t.data_ptr<float>(), *dyp = dyp_t.data_ptr<float>();
   // kRows batch rows at a time, each read in order across all panels
@@ -907,7 +963,9 @@ std::optional<at::Tensor> grad_weight_bf16_pairs(const at::Tensor& dy, const at:
   const int32_t *row = row_idx.data_ptr<int32_t>(), *col = col_idx.data_ptr<int32_t>();
   const int32_t* mids = mask_ids.has_value() ? mask_ids->data_ptr<int32_t>() : nullptr;
   const bool* patterns = mask_patterns.has_value() ? mask_patterns->data_ptr<bool>() : nullptr;
-  uint16_t* out16 = reinterpret_cast<uint16_t*>(dw.data_ptr());
+  const bool widen = dw_dtype == at::kFloat;
+  uint16_t* out16 = widen ? nullptr : reinterpret_cast<uint16_t*>(dw.data_ptr());
+  float* out32 = widen ? dw.data_ptr<float>() : nullptr;
   const int64_t zero = 0;
   parallel_dynamic(nnzb, nnzb * B * blk, [] { return 0; }, [&](int, int64_t p0, int64_t p1) {
     alignas(64) float tile[kMaxTileBytes / sizeof(float)];
@@ -926,7 +984,11 @@ std::optional<at::Tensor> grad_weight_bf16_pairs(const at::Tensor& dy, const at:
                 if (!mk[n]) tile[m * NR + n] = 0.0f;  // exactly 0, even for NaN inputs
             }
           }
-          store_rows_bf16(tile, NR, MR, nv, out16 + p * blk + t * MR * BC + q * NR, BC, nullptr);
+          const int64_t off = p * blk + t * MR * BC + q * NR;
+          if (widen)
+            store_rows_bf16_widened(tile, NR, MR, nv, out32 + off, BC);
+          else
+            store_rows_bf16(tile, NR, MR, nv, out16 + off, BC, nullptr);
         }
       }
     }
@@ -934,11 +996,18 @@ std::optional<at::Tensor> grad_weight_bf16_pairs(const at::Tensor& dy, const at:
   return dw;
 }
 
+// The dtype an op computes in: that of values, or that of a bfloat16/float16 operand a against
+// float32 values (autocast's float32 master weights), as against values.to(a's dtype).
+at::ScalarType compute_dtype(const at::Tensor& a, const at::Tensor& values) {
+  return values.scalar_type() == at::kFloat && is_half(a.scalar_type()) ? a.scalar_type() : values.scalar_type();
+}
+
 at::Tensor bsr_forward_cpu(const at::Tensor& x, const at::Tensor& values, const std::optional<at::Tensor>& bias,
                            const at::Tensor& crow_ptr, const at::Tensor& col_idx, const at::Tensor& row_idx,
                            int64_t M) {
   check_values(values);
-  check_operand(x, "x", values.scalar_type());
+  const at::ScalarType ct = compute_dtype(x, values);
+  check_operand(x, "x", ct);
   const int64_t B = x.size(0), N = x.size(1), nnzb = values.size(0), BR = values.size(1), BC = values.size(2);
   TORCH_CHECK(M >= 0, "M: expected >= 0, got ", M);
   const int64_t nbr = cdiv(M, BR), nbc = cdiv(N, BC);
@@ -948,10 +1017,15 @@ at::Tensor bsr_forward_cpu(const at::Tensor& x, const at::Tensor& values, const 
   check_range(col_idx, "col_idx", nbc);
   if (bias.has_value()) {
     check_cpu(*bias, "bias");
-    TORCH_CHECK(bias->scalar_type() == values.scalar_type(), "bias: dtype ", bias->scalar_type(),
-                " does not match ", values.scalar_type());
+    TORCH_CHECK(bias->scalar_type() == ct, "bias: dtype ", bias->scalar_type(), " does not match ", ct);
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == M, "bias: expected shape [", M, "], got ", bias->sizes());
     TORCH_CHECK(bias->is_contiguous(), "bias: expected a contiguous tensor");
+  }
+  if (ct != values.scalar_type()) {
+    if (ct == at::kBFloat16 && B > 0 && M > 0) {
+      if (auto y = forward_bf16_pairs_f32w(x, values, bias, crow_ptr, col_idx, M)) return *y;
+    }
+    return bsr_forward_cpu(x, values.to(ct), bias, crow_ptr, col_idx, row_idx, M);
   }
   if (values.scalar_type() == at::kBFloat16 && B > 0 && M > 0) {
     if (auto y = forward_bf16_pairs(x, values, bias, crow_ptr, col_idx, M)) return *y;
@@ -975,7 +1049,8 @@ at::Tensor bsr_forward_cpu(const at::Tensor& x, const at::Tensor& values, const 
 at::Tensor bsr_grad_input_cpu(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& ccol_ptr,
                               const at::Tensor& t_row_idx, const at::Tensor& t_perm, int64_t N) {
   check_values(values);
-  check_operand(dy, "dy", values.scalar_type());
+  const at::ScalarType ct = compute_dtype(dy, values);
+  check_operand(dy, "dy", ct);
   const int64_t B = dy.size(0), M = dy.size(1), nnzb = values.size(0), BR = values.size(1), BC = values.size(2);
   TORCH_CHECK(N >= 0, "N: expected >= 0, got ", N);
   const int64_t nbr = cdiv(M, BR), nbc = cdiv(N, BC);
@@ -984,9 +1059,10 @@ at::Tensor bsr_grad_input_cpu(const at::Tensor& dy, const at::Tensor& values, co
   check_pointers(ccol_ptr, "ccol_ptr", nbc, nnzb);
   check_range(t_row_idx, "t_row_idx", nbr);
   check_range(t_perm, "t_perm", nnzb);
-  if (values.scalar_type() == at::kBFloat16 && B > 0 && N > 0) {
+  if ((ct == at::kBFloat16) && B > 0 && N > 0) {  // bfloat16 or float32 values
     if (auto dx = grad_input_bf16_pairs(dy, values, ccol_ptr, t_row_idx, t_perm, N)) return *dx;
   }
+  if (ct != values.scalar_type()) return bsr_grad_input_cpu(dy, values.to(ct), ccol_ptr, t_row_idx, t_perm, N);
   if (is_half(values.scalar_type()))
     return bsr_grad_input_cpu(dy.to(at::kFloat), values.to(at::kFloat), ccol_ptr, t_row_idx, t_perm, N)
         .to(values.scalar_type());
@@ -1026,13 +1102,24 @@ void check_grad_weight_args(const at::Tensor& dy, const at::Tensor& x, const at:
   }
 }
 
-// dW, and where db is not null the bias gradient into it (float32 sums for half types).
+// The dtype grad_weight returns dW in: dy's (None), or float32 for a bfloat16/float16 dy (the
+// half-precision result widened: autocast's gradient of float32 master values).
+at::ScalarType dw_dtype_of(const at::Tensor& dy, const std::optional<at::ScalarType>& dw_dtype) {
+  const at::ScalarType t = dy.scalar_type(), want = dw_dtype.value_or(t);
+  TORCH_CHECK(want == t || (want == at::kFloat && is_half(t)), "dw_dtype: expected ", t,
+              " (that of dy) or float32 for a half-precision dy, got ", want);
+  return want;
+}
+
+// dW in dw_dtype (dw_dtype_of), and where db is not null the bias gradient into it (float32
+// sums for half types).
 at::Tensor grad_weight_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_idx,
                            const at::Tensor& col_idx, const std::optional<at::Tensor>& mask_ids,
-                           const std::optional<at::Tensor>& mask_patterns, int64_t BR, int64_t BC, at::Tensor* db) {
+                           const std::optional<at::Tensor>& mask_patterns, int64_t BR, int64_t BC, at::Tensor* db,
+                           at::ScalarType dw_dtype) {
   const int64_t B = dy.size(0), M = dy.size(1), N = x.size(1), nnzb = row_idx.numel();
   if (dy.scalar_type() == at::kBFloat16 && B > 0 && nnzb > 0) {
-    if (auto dw = grad_weight_bf16_pairs(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC)) {
+    if (auto dw = grad_weight_bf16_pairs(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC, dw_dtype)) {
       if (db) *db = bias_grad_of(dy);
       return *dw;
     }
@@ -1041,9 +1128,10 @@ at::Tensor grad_weight_cpu(const at::Tensor& dy, const at::Tensor& x, const at::
   if (is_half(dy.scalar_type())) {
     at::Tensor db_f;
     at::Tensor dw = grad_weight_cpu(dy.to(at::kFloat), x.to(at::kFloat), row_idx, col_idx, mask_ids, mask_patterns, BR,
-                                    BC, db ? &db_f : nullptr);
+                                    BC, db ? &db_f : nullptr, at::kFloat);
     if (db) db->copy_(db_f);
-    return dw.to(dy.scalar_type());
+    dw = dw.to(dy.scalar_type());  // rounded once to dy's dtype, whatever it is returned in
+    return dw_dtype == dw.scalar_type() ? dw : dw.to(dw_dtype);
   }
   if (B == 0) {
     if (db) db->zero_();
@@ -1065,7 +1153,17 @@ at::Tensor bsr_grad_weight_cpu(const at::Tensor& dy, const at::Tensor& x, const 
                                const at::Tensor& col_idx, const std::optional<at::Tensor>& mask_ids,
                                const std::optional<at::Tensor>& mask_patterns, int64_t BR, int64_t BC) {
   check_grad_weight_args(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC);
-  return grad_weight_cpu(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC, nullptr);
+  return grad_weight_cpu(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC, nullptr, dy.scalar_type());
+}
+
+// bsr_grad_weight returned in dw_dtype (dw_dtype_of): float32 for a half-precision dy gives the
+// half-precision dW widened, written so where the kernel can (no half-precision temporary).
+at::Tensor bsr_grad_weight_as_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_idx,
+                                  const at::Tensor& col_idx, const std::optional<at::Tensor>& mask_ids,
+                                  const std::optional<at::Tensor>& mask_patterns, int64_t BR, int64_t BC,
+                                  at::ScalarType dw_dtype) {
+  check_grad_weight_args(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC);
+  return grad_weight_cpu(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC, nullptr, dw_dtype_of(dy, dw_dtype));
 }
 
 // db alone, summed as bsr_grad_weight_bias sums it (the same bits): for the backward's paths
@@ -1082,10 +1180,10 @@ std::tuple<at::Tensor, at::Tensor> bsr_grad_weight_bias_cpu(const at::Tensor& dy
                                                             const at::Tensor& row_idx, const at::Tensor& col_idx,
                                                             const std::optional<at::Tensor>& mask_ids,
                                                             const std::optional<at::Tensor>& mask_patterns, int64_t BR,
-                                                            int64_t BC) {
+                                                            int64_t BC, std::optional<at::ScalarType> dw_dtype) {
   check_grad_weight_args(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC);
   at::Tensor db;
-  at::Tensor dw = grad_weight_cpu(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC, &db);
+  at::Tensor dw = grad_weight_cpu(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC, &db, dw_dtype_of(dy, dw_dtype));
   return {dw, db};
 }
 
@@ -1120,5 +1218,6 @@ TORCH_LIBRARY_IMPL(efcn_sparse_C, CPU, m) {
   m.impl("bsr_grad_input", &efcn_cpu::bsr_grad_input_cpu);
   m.impl("bsr_grad_weight", &efcn_cpu::bsr_grad_weight_cpu);
   m.impl("bsr_grad_weight_bias", &efcn_cpu::bsr_grad_weight_bias_cpu);
+  m.impl("bsr_grad_weight_as", &efcn_cpu::bsr_grad_weight_as_cpu);
   m.impl("bsr_bias_grad", &efcn_cpu::bsr_bias_grad_cpu);
 }

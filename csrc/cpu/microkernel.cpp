@@ -783,9 +783,61 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void pack_bf16_p
     }
   }
 }
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void store_rows_bf16_widened(
+    const float* tile, int nr, int rows, int64_t nv, float* out, int64_t ld) {
+  for (int m = 0; m < rows; ++m) {
+    const float* t = tile + m * nr;
+    float* o = out + m * ld;
+    for (int64_t n = 0; n < nv; n += 16) {
+      const __mmask16 k = nv - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (nv - n)) - 1);
+      const __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, t + n));
+      _mm512_mask_storeu_ps(o + n, k, _mm512_castsi512_ps(_mm512_maskz_slli_epi32(k, _mm512_maskz_cvtepu16_epi32(k, h), 16)));
+    }
+  }
+}
+
+namespace {
+// 16 floats rounded to bfloat16 as ATen's vectorised conversion does, one per 32-bit lane (low
+// half). (Masked shifts with all lanes set: GCC 12 warns about the unmasked ones' undefined source.)
+__attribute__((target("avx512f"))) inline __m512i bf16_bits(__m512 v) {
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_maskz_srli_epi32(0xFFFF, b, 16), _mm512_set1_epi32(1));
+  const __m512i r =
+      _mm512_maskz_srli_epi32(0xFFFF, _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
+}
+}  // namespace
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void round_rows_bf16(const float* src, int64_t ld, int64_t rows,
+                                                                          int64_t cols, uint16_t* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r, src += ld, dst += ldd) {
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __mmask16 k = cols - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (cols - c)) - 1);
+      _mm256_mask_storeu_epi16(dst + c, k, _mm512_maskz_cvtepi32_epi16(k, bf16_bits(_mm512_maskz_loadu_ps(k, src + c))));
+    }
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void pack_bf16_pairs_f32(
+    const float* src, int64_t ld, int64_t rows, int64_t cols, int width, float* dst) {
+  const auto lanes = [](int64_t c) -> __mmask16 { return c >= 16 ? 0xFFFF : c <= 0 ? 0 : (1u << c) - 1; };
+  for (int64_t r = 0; r < rows; r += 2, src += 2 * ld, dst += width) {
+    const float* s1 = r + 1 < rows ? src + ld : nullptr;
+    for (int n = 0; n < width; n += 16) {
+      const __mmask16 m = lanes(cols - n);
+      const __m512i a = bf16_bits(_mm512_maskz_loadu_ps(m, src + n));  // masked-off lanes: +0.0 -> 0
+      const __m512i b = s1 ? bf16_bits(_mm512_maskz_loadu_ps(m, s1 + n)) : _mm512_setzero_si512();
+      _mm512_mask_storeu_epi32(dst + n, lanes(width - n), _mm512_or_si512(a, _mm512_maskz_slli_epi32(0xFFFF, b, 16)));
+    }
+  }
+}
 #else
 void store_rows_bf16(const float*, int, int, int64_t, uint16_t*, int64_t, const uint16_t*) {}
 void pack_bf16_pairs(const uint16_t*, int64_t, int64_t, int64_t, int, float*) {}
+void store_rows_bf16_widened(const float*, int, int, int64_t, float*, int64_t) {}
+void round_rows_bf16(const float*, int64_t, int64_t, int64_t, uint16_t*, int64_t) {}
+void pack_bf16_pairs_f32(const float*, int64_t, int64_t, int64_t, int, float*) {}
 #endif
 
 void store_fence() {

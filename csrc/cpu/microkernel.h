@@ -130,6 +130,20 @@ void pack_bf16_pairs(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols
 void store_rows_bf16(const float* tile, int nr, int rows, int64_t nv, uint16_t* out, int64_t ld,
                      const uint16_t* bias);
 
+// out[m * ld + n] = float(bfloat16(tile[m][n])) for m < rows, n < nv: store_rows_bf16's
+// roundings widened back to float32 (exactly the bfloat16 result converted): the bf16 pair
+// kernels' weight gradient for float32 master values (autocast) without a bfloat16 temporary.
+void store_rows_bf16_widened(const float* tile, int nr, int rows, int64_t nv, float* out, int64_t ld);
+
+// dst[r * ldd + c] = src[r * ld + c] rounded to bfloat16 as torch's conversion rounds it (to
+// nearest even, subnormals kept, NaN as 0xFFFF), for r < rows, c < cols: float32 weights
+// converted as they are packed for the bf16 pair kernels (autocast: values.to(bfloat16)
+// without the copy). Only while bf16_pair_kernels() is not null.
+void round_rows_bf16(const float* src, int64_t ld, int64_t rows, int64_t cols, uint16_t* dst, int64_t ldd);
+
+// pack_bf16_pairs of float32 rows, each entry rounded as round_rows_bf16 rounds it.
+void pack_bf16_pairs_f32(const float* src, int64_t ld, int64_t rows, int64_t cols, int width, float* dst);
+
 Isa best_isa();    // the best ISA of this CPU and build
 Isa active_isa();  // best_isa(), or what EFCN_CPU_ISA or set_isa() asked for, capped at best_isa()
 Isa set_isa(Isa want);  // makes min(want, best_isa()) active and returns it

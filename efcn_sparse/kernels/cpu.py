@@ -20,11 +20,28 @@ def bias_grad(dy):
     return torch.ops.efcn_sparse_C.bsr_bias_grad(dy)
 
 
-def grad_weight_bias(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR: int, BC: int):
-    """(grad_weight(...), dy summed over the batch): the sum made in the pass that packs dy for
-    grad_weight where the kernel has one (AVX-512, block height a multiple of 8), else after it;
-    the same bits either way, fixed by the batch alone."""
-    return torch.ops.efcn_sparse_C.bsr_grad_weight_bias(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC)
+def grad_weight_bias(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR: int, BC: int, dw_dtype=None):
+    """(grad_weight(...) in dw_dtype as for grad_weight_as, dy summed over the batch): the sum made
+    in the pass that packs dy for grad_weight where the kernel has one (AVX-512, block height a
+    multiple of 8), else after it; the same bits either way, fixed by the batch alone."""
+    return torch.ops.efcn_sparse_C.bsr_grad_weight_bias(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC,
+                                                        dw_dtype)
+
+
+def grad_weight_as(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR: int, BC: int, dw_dtype):
+    """grad_weight(...) returned in dw_dtype: float32 for a bfloat16/float16 dy is the
+    half-precision result widened, written so by the bf16 dot-product kernels (no bf16 temporary)."""
+    return torch.ops.efcn_sparse_C.bsr_grad_weight_as(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC,
+                                                      dw_dtype)
+
+
+def takes_float32_values(dtype) -> bool:
+    """Whether forward and grad_input computing in ``dtype`` are best handed float32 values as
+    they are (autocast's master weights): true for bfloat16 where the dot-product kernels run
+    (bf16_dot()), which round the values as they pack them, with the bits of values.to(bfloat16)
+    and without that copy. (The C++ ops take float32 values with any half-precision operand; where
+    they cannot round while packing, float16 or shapes the dot products do not cover, they copy.)"""
+    return dtype == torch.bfloat16 and bf16_dot()
 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:

@@ -119,9 +119,10 @@ def bias_grad(dy):
 
 
 def grad_weight_bias(dy, x, row_idx, col_idx, mask_ids: Optional[torch.Tensor],
-                     mask_patterns: Optional[torch.Tensor], BR: int, BC: int):
-    """(grad_weight(...), bias_grad(dy))."""
-    return grad_weight(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC), bias_grad(dy)
+                     mask_patterns: Optional[torch.Tensor], BR: int, BC: int, dw_dtype=None):
+    """(grad_weight(...) converted to dw_dtype (default dy's), bias_grad(dy))."""
+    dw = grad_weight(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC)
+    return dw.to(dw_dtype or dy.dtype), bias_grad(dy)
 
 
 @_exact_dtypes
