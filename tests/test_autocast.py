@@ -94,27 +94,25 @@ def test_low_precision_input_to_a_float32_layer_is_accepted_under_autocast(backe
 
 
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="cpu backend unavailable")
-def test_cpu_backend_takes_the_float32_master_values_uncast(monkeypatch):
-    """Where the cpu kernels round float32 values to bfloat16 while packing them (the dot-product
-    path), autocast hands them the master values: no bfloat16 copy of the weights per step, and
-    their gradient arrives in float32 with no cast node (the bits are those of the explicit cast:
-    the tests above run this path). With the dot products off, the cast is back."""
-    from efcn_sparse.kernels import cpu
-
-    if not cpu.bf16_dot():
-        pytest.skip("no AVX512_BF16 dot-product path on this CPU")
+@pytest.mark.parametrize("dot", ["0", "1"])
+def test_cpu_backend_takes_the_float32_master_values_uncast(monkeypatch, dot):
+    """The cpu kernels round float32 values to bfloat16 while packing them (float32 or dot-product
+    path), so bfloat16 autocast hands them the master values: no bfloat16 copy of the weights per
+    step, and their gradient arrives in float32 with no cast node (the bits are those of the
+    explicit cast: the tests above run this path). float16 still casts; so does the reference."""
+    monkeypatch.setenv("EFCN_CPU_BF16_DOT", dot)
     _, m = _layer("cpu")
     flat = torch.randn(4, m.shape[1])
 
-    def values_reach_the_op_uncast():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = ops.linear(flat, m.layout, m.values, m.bias, backend="cpu")
-        assert y.dtype == torch.bfloat16
+    def values_reach_the_op_uncast(dtype, backend="cpu"):
+        with torch.autocast("cpu", dtype=dtype):
+            y = ops.linear(flat, m.layout, m.values, m.bias, backend=backend)
+        assert y.dtype == dtype
         return any(getattr(fn, "variable", None) is m.values for fn, _ in y.grad_fn.next_functions if fn is not None)
 
-    assert values_reach_the_op_uncast()
-    monkeypatch.setenv("EFCN_CPU_BF16_DOT", "0")
-    assert not values_reach_the_op_uncast()
+    assert values_reach_the_op_uncast(torch.bfloat16)
+    assert not values_reach_the_op_uncast(torch.float16)
+    assert not values_reach_the_op_uncast(torch.bfloat16, "reference")
 
 
 def test_float64_is_left_alone_by_autocast():

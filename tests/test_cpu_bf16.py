@@ -1,7 +1,9 @@
-"""bfloat16 on the ``cpu`` backend: where the CPU has AVX512_BF16 (and the active ISA is AVX-512),
-bf16 ops multiply bf16 pairs with dot-product instructions into float32 accumulators instead of
-converting every operand to float32 first; ``EFCN_CPU_BF16_DOT=0`` or another ISA turns that off.
-Both ways must match the reference (float32 sums, one rounding) within bf16 accuracy."""
+"""bfloat16 on the ``cpu`` backend, two ways: the float32 kernels on operands widened as they are
+packed (bit for bit the float32 ops on widened copies, rounded once), or, where the CPU has
+AVX512_BF16 and the active ISA is AVX-512, dot products of bf16 pairs into float32 accumulators
+(``EFCN_CPU_BF16_DOT=1``; the default on AMD only). Both must match the reference (float32 sums,
+one rounding) within bf16 accuracy; float32 master values (autocast) give the bits of their
+bfloat16 copy either way."""
 
 import pytest
 import torch
@@ -47,9 +49,18 @@ def _needs_dot():
         pytest.skip("this CPU or build has no AVX512_BF16 path (or the active ISA is below AVX-512)")
 
 
+@pytest.fixture(params=["float32", "dot"])
+def path(request, monkeypatch):
+    """Each way of computing bfloat16: float32 kernels, or dot products (where the CPU has them)."""
+    monkeypatch.setenv("EFCN_CPU_BF16_DOT", "1" if request.param == "dot" else "0")
+    if request.param == "dot":
+        _needs_dot()
+    return request.param
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}_b{s[2]}x{s[3]}")
 @pytest.mark.parametrize("B", [1, 2, 13, 29])
-def test_bf16_ops_match_reference(shape, B):
+def test_bf16_ops_match_reference(shape, B, path):
     lay, x, dy, v, bias = _inputs(shape, B)
     got = run_all(backends.kernels("cpu"), lay, x, dy, v, bias)
     want = run_all(R, lay, x, dy, v, bias)
@@ -61,10 +72,11 @@ def test_bf16_ops_match_reference(shape, B):
         assert (got[2][~lay.block_mask()] == 0).all(), "masked grad_weight entries must be exactly 0"
 
 
-def test_dot_products_run_where_the_cpu_has_them(monkeypatch):
-    """On a CPU with AVX512_BF16 the default path of all three ops is the dot-product one, and it
-    is not the float32 computation under another name: over 576 (64) terms the roundings differ
-    somewhere."""
+def test_dot_products_run_when_turned_on(monkeypatch):
+    """With EFCN_CPU_BF16_DOT=1 on a CPU with AVX512_BF16 all three ops take the dot-product path,
+    and it is not the float32 computation under another name: over 576 (64) terms the roundings
+    differ somewhere."""
+    monkeypatch.setenv("EFCN_CPU_BF16_DOT", "1")
     _needs_dot()
     lay, x, dy, v, bias = _inputs((640, 576, 64, 64, dict(density=1.0)), 64, seed=3)
     ops = backends.kernels("cpu")
@@ -80,14 +92,60 @@ def test_dot_products_run_where_the_cpu_has_them(monkeypatch):
         assert_close_rel(f.float(), w.float(), REL[torch.bfloat16], "float32 path")
 
 
-def test_turned_off_it_computes_in_float32_exactly(dot_off):
-    """EFCN_CPU_BF16_DOT=0: bf16 ops are the float32 ops on the widened operands, rounded once."""
-    lay, x, dy, v, bias = _inputs(SHAPES[1], 13)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}_b{s[2]}x{s[3]}")
+@pytest.mark.parametrize("B", [1, 13, 29])
+def test_turned_off_it_computes_in_float32_exactly(dot_off, shape, B):
+    """EFCN_CPU_BF16_DOT=0: bf16 ops are the float32 ops on the widened operands, rounded once
+    (widened as packed where the shape allows, on float32 copies elsewhere), bias and dW too."""
+    lay, x, dy, v, bias = _inputs(shape, B)
     ops = backends.kernels("cpu")
     got = run_all(ops, lay, x, dy, v, bias)
     f32 = run_all(ops, lay, x.float(), dy.float(), v.float(), bias.float())
     for g, f in zip(got, f32):
         assert torch.equal(g, f.to(torch.bfloat16))
+    BR, BC = lay.block_shape
+    dw, db = cpu.grad_weight_bias(dy, x, lay.row_idx, lay.col_idx, lay.mask_ids, lay.mask_patterns, BR, BC)
+    dwf, dbf = cpu.grad_weight_bias(dy.float(), x.float(), lay.row_idx, lay.col_idx, lay.mask_ids,
+                                    lay.mask_patterns, BR, BC)
+    assert torch.equal(dw, dwf.to(torch.bfloat16)) and torch.equal(db, dbf.to(torch.bfloat16))
+
+
+def test_float32_path_gives_the_same_bits_on_every_isa(dot_off):
+    """The float32 path of bfloat16 (rounding in vector registers on AVX-512, one entry at a time
+    elsewhere) is the same computation on every ISA: the SIMD ISAs agree bit for bit."""
+    lay, x, dy, v, bias = _inputs(SHAPES[1], 29)
+    ops = backends.kernels("cpu")
+    before = cpu.isa()
+    try:
+        results = {}
+        for name in cpu.supported_isas():
+            if name != "generic":
+                cpu.isa(name)
+                results[name] = run_all(ops, lay, x, dy, v, bias)
+    finally:
+        cpu.isa(before)
+    first = next(iter(results.values()))
+    for name, got in results.items():
+        for g, f in zip(got, first):
+            assert torch.equal(g, f), name
+
+
+def _cpu_is_amd():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "AuthenticAMD" in f.read(4096)
+    except OSError:
+        return None
+
+
+def test_dot_products_are_the_default_only_on_amd(monkeypatch):
+    amd = _cpu_is_amd()
+    if amd is None:
+        pytest.skip("no /proc/cpuinfo to read the CPU vendor from")
+    monkeypatch.setenv("EFCN_CPU_BF16_DOT", "1")
+    has = cpu.bf16_dot()
+    monkeypatch.delenv("EFCN_CPU_BF16_DOT")
+    assert cpu.bf16_dot() == (has and amd)
 
 
 def test_other_isas_do_not_use_dot_products():
@@ -102,6 +160,7 @@ def test_other_isas_do_not_use_dot_products():
 
 
 def test_environment_switch_is_read_at_each_call(monkeypatch):
+    monkeypatch.setenv("EFCN_CPU_BF16_DOT", "1")
     _needs_dot()
     monkeypatch.setenv("EFCN_CPU_BF16_DOT", "0")
     assert cpu.bf16_dot() is False
@@ -125,7 +184,7 @@ def _ties_and_subnormals(v):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}_b{s[2]}x{s[3]}")
 @pytest.mark.parametrize("B", [2, 29])
-def test_float32_values_compute_as_their_bfloat16_copy(shape, B):
+def test_float32_values_compute_as_their_bfloat16_copy(shape, B, path):
     """float32 values with bfloat16 x/dy (autocast's master weights, handed over uncast): the same
     bits as with values.to(bfloat16), ties-to-even and subnormals included, whether the kernel
     rounds them while packing or (shapes it does not cover) copies; dW widened to float32 is the
@@ -160,15 +219,6 @@ def test_float32_values_with_float16_operands_compute_as_their_float16_copy():
     dw = torch.ops.efcn_sparse_C.bsr_grad_weight_as(dy.to(h), x.to(h), lay.row_idx, lay.col_idx, lay.mask_ids,
                                                      lay.mask_patterns, BR, BC, torch.float32)
     assert dw.dtype == torch.float32 and torch.equal(dw, want[2].float())
-
-
-def test_float32_values_are_rounded_alike_with_dot_products_off(dot_off):
-    lay, x, dy, _, bias = _inputs(SHAPES[1], 13)
-    v32 = random_values(lay, torch.float32)
-    got = run_all(backends.kernels("cpu"), lay, x, dy, v32, bias)
-    want = run_all(backends.kernels("cpu"), lay, x, dy, v32.to(torch.bfloat16), bias)
-    for g, w in zip(got[:2], want[:2]):
-        assert torch.equal(g, w)
 
 
 def test_mixed_dtypes_other_than_float32_values_are_refused():

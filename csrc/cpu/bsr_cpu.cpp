@@ -50,6 +50,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -187,6 +188,60 @@ void pack_batch_tiles(const Kernels<T>& ks, const T* src, int64_t rows, int64_t 
   });
 }
 
+// ------------------------------------------------------------------------------ bfloat16 as float32
+// Where the bf16 dot products are not used, bfloat16 ops run the float32 kernels on operands
+// widened to float32 as they are packed (and float32 master values rounded to bfloat16 first),
+// each output rounded once as torch rounds: the float32 computation on widened copies, bit for
+// bit, without the copies.
+inline float widen_bf16(uint16_t h) {
+  const uint32_t u = uint32_t{h} << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// the bits of v rounded to bfloat16 as torch rounds it (to nearest even, subnormals kept, NaN
+// as 0xFFFF: store_rows_bf16's roundings)
+inline uint16_t bf16_bits_of(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  return v != v ? uint16_t{0xFFFF} : static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline float round_to_bf16(float v) { return widen_bf16(bf16_bits_of(v)); }
+
+// dst[r * ldd + c] = src[r * ld + c] as float32 for r < rows, c < cols: bfloat16 bits widened
+// (S = uint16_t), or float32 values rounded to bfloat16 (S = float).
+template <typename S>
+void to_f32_rows(const S* src, int64_t ld, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r, src += ld, dst += ldd) {
+    if constexpr (std::is_same_v<S, uint16_t>) {
+      for (int64_t c = 0; c < cols; ++c) dst[c] = widen_bf16(src[c]);
+    } else {
+      for (int64_t c = 0; c < cols; ++c) dst[c] = round_to_bf16(src[c]);
+    }
+  }
+}
+
+// pack_batch_tiles of a bfloat16 operand (its bits), widened through a small per-thread buffer.
+void pack_batch_tiles_bf16(const Kernels<float>& ks, const uint16_t* src, int64_t rows, int64_t F, float* dst) {
+  const int MR = ks.mr;
+  constexpr int64_t kCols = 512;
+  const bool stream = cdiv(rows, MR) * MR * F * int64_t{sizeof(float)} >= kStreamBytes;
+  at::parallel_for(0, cdiv(rows, MR), grain_for(F * MR), [&](int64_t t0, int64_t t1) {
+    std::vector<float> buf(MR * kCols);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r = std::min<int64_t>(MR, rows - t * MR);
+      for (int64_t f0 = 0; f0 < F; f0 += kCols) {
+        const int64_t fc = std::min(kCols, F - f0);
+        to_f32_rows(src + t * MR * F + f0, F, r, fc, buf.data(), fc);
+        ks.pack_rows(buf.data(), fc, r, fc, dst + (t * F + f0) * MR, stream);
+      }
+    }
+    if (stream) store_fence();
+  });
+}
+
 // A K-segment of a row (column) task: `k` consecutive columns of the streamed operand from
 // `a_off`, matched with the rows (columns) of one block starting at `w`.
 template <typename T>
@@ -271,15 +326,21 @@ void lines_part(int64_t n, int64_t bytes, BlockPtr block, int64_t part, int64_t 
 // last group.
 // T is the type of the packed panels and accumulators; OutT that of out and bias (bfloat16 for
 // the bf16 pair kernels, whose T entries hold pairs of bfloat16).
+// a16 (T float only): the streamed operand is bfloat16 bits instead of a, widened as it is packed.
 template <typename T, typename OutT, typename Blocks, typename PackB, typename Lines>
 void slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, OutT* out, int64_t ldc, int64_t n_groups,
                 int64_t side, int64_t out_cols, const OutT* bias, int64_t work, Blocks blocks, PackB pack_b,
-                Lines lines) {
+                Lines lines, const uint16_t* a16 = nullptr) {
   const int NR = ks.nr, MR = ks.mr;
   const int64_t nq = cdiv(side, NR), nbt = cdiv(B, MR);
   at::Tensor ap_t = pooled_empty({nbt * F * MR}, c10::CppTypeToScalarType<T>::value);
   T* ap = ap_t.data_ptr<T>();
-  pack_batch_tiles(ks, a, B, F, ap);
+  if constexpr (std::is_same_v<T, float>) {
+    if (a16) pack_batch_tiles_bf16(ks, a16, B, F, ap);
+    else pack_batch_tiles(ks, a, B, F, ap);
+  } else {
+    pack_batch_tiles(ks, a, B, F, ap);
+  }
   const int64_t tiles_per_task = cdiv(nbt, batch_chunks(n_groups, nbt));
   const int64_t nch = cdiv(nbt, tiles_per_task);
   const bool stream = std::is_same_v<T, OutT> && B * ldc * int64_t{sizeof(T)} >= kStreamBytes;
@@ -351,9 +412,11 @@ void slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, OutT* ou
                 continue;
               }
             } else if constexpr (std::is_same_v<OutT, at::BFloat16>) {
-              store_rows_bf16(c, NR, mr, nvq, reinterpret_cast<uint16_t*>(oq), ldc,
-                              reinterpret_cast<const uint16_t*>(bq));
-              continue;
+              if (ks.isa == Isa::kAvx512) {  // else store_tile: the same roundings, one at a time
+                store_rows_bf16(c, NR, mr, nvq, reinterpret_cast<uint16_t*>(oq), ldc,
+                                reinterpret_cast<const uint16_t*>(bq));
+                continue;
+              }
             }
             store_tile(c, mr, NR, nvq, oq, ldc, bq);
           }
@@ -720,10 +783,17 @@ void grad_input_kernel(const T* dy, const T* w, const int32_t* ccol, const int32
 // product over those panels. dW is written with streaming stores: it is not read back here.
 // Where db is not null, also the bias gradient (BiasSums), fused into the pass over dy where
 // pack_dy_panels runs.
+// Bf16Out (T float only): dW rounded to bfloat16 as each tile is stored, into dw16 (bfloat16)
+// in place of dw, or (round) widened back into dw.
+struct Bf16Out {
+  uint16_t* dw16 = nullptr;
+  bool round = false;
+};
+
 template <typename T>
 void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32_t* col, const int32_t* mask_ids,
                         const bool* patterns, T* dw, int64_t nnzb, int64_t B, int64_t M, int64_t N, int64_t BR,
-                        int64_t BC, T* db) {
+                        int64_t BC, T* db, Bf16Out bf = {}) {
   const Kernels<T>& ks = active_kernels<T>();
   const int NR = ks.nr, MR = ks.mr;
   if (narrow_grad_weight(BC, NR))
@@ -776,7 +846,7 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
         pf_parts = (next - p) * ntr * nq;
       }
       const bool* mask = patterns ? patterns + mask_ids[p] * blk : nullptr;
-      T* out = dw + p * blk;
+      T* out = dw ? dw + p * blk : nullptr;  // null: bfloat16 out (Bf16Out)
       for (int64_t t = 0; t < ntr; ++t) {
         const int mr = static_cast<int>(std::min<int64_t>(MR, BR - t * MR));
         for (int64_t q = 0; q < nq; ++q) {
@@ -794,6 +864,19 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
                 if (!mk[n]) tile[m * NR + n] = T(0);  // exactly 0, even for NaN inputs
             }
           }
+          if constexpr (std::is_same_v<T, float>) {
+            const int64_t off = p * blk + t * MR * BC + q * NR;
+            if (bf.dw16 && ks.isa == Isa::kAvx512) {
+              store_rows_bf16(tile, NR, mr, nv, bf.dw16 + off, BC, nullptr);
+              continue;
+            }
+            if (bf.dw16) {
+              for (int m = 0; m < mr; ++m)
+                for (int64_t n = 0; n < nv; ++n) bf.dw16[off + m * BC + n] = bf16_bits_of(tile[m * NR + n]);
+              continue;
+            }
+            if (bf.round) to_f32_rows(tile, NR, mr, nv, tile, NR);  // in place
+          }
           ks.store_rows(tile, mr, nv, out + t * MR * BC + q * NR, BC, nullptr);
         }
       }
@@ -803,6 +886,135 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
 }
 
 // ------------------------------------------------------------------------------ ops
+// The bfloat16 forward on the float32 kernels: x widened into the batch tiles, the values
+// (bfloat16, or float32 master values rounded to bfloat16) widened into the B panels, y rounded
+// once: bit for bit the float32 forward of the widened copies, rounded. Blocks that fill a tile,
+// batches past the gemv ones; nullopt otherwise.
+std::optional<at::Tensor> forward_bf16_f32(const at::Tensor& x, const at::Tensor& values,
+                                           const std::optional<at::Tensor>& bias, const at::Tensor& crow_ptr,
+                                           const at::Tensor& col_idx, int64_t M) {
+  const Kernels<float>& ks = active_kernels<float>();
+  const int64_t B = x.size(0), N = x.size(1), BR = values.size(1), BC = values.size(2);
+  if (2 * BR <= ks.nr || (B <= kGemvBatch && ks.gemv)) return std::nullopt;
+  const int NR = ks.nr;
+  const int64_t nq = cdiv(BR, NR), blk = BR * BC, esize = values.element_size();
+  const int32_t *crow = crow_ptr.data_ptr<int32_t>(), *col = col_idx.data_ptr<int32_t>();
+  const bool f32w = values.scalar_type() == at::kFloat;
+  const float* wf = f32w ? values.data_ptr<float>() : nullptr;
+  const uint16_t* w16 = f32w ? nullptr : reinterpret_cast<const uint16_t*>(values.data_ptr());
+  const char* wbytes = reinterpret_cast<const char*>(values.data_ptr());
+  at::Tensor y = pooled_empty({B, M}, at::kBFloat16);
+  auto extent = [=](int64_t p) { return std::min(BC, N - col[p] * BC); };
+  auto make = [=](int64_t p, int64_t k0, int64_t k) { return Seg<float>{col[p] * BC + k0, nullptr, k, p * blk + k0}; };
+  auto blocks = [=](int64_t i) { return std::make_tuple(int64_t{crow[i]}, int64_t{crow[i + 1]}, extent, make); };
+  auto pack_b = [=, &ks](const std::vector<Seg<float>>& sg, int64_t K, int64_t nv, float* bp) {
+    thread_local std::vector<float> buf;
+    buf.resize(NR * kKMax);
+    int64_t koff = 0;
+    for (const Seg<float>& sgm : sg) {
+      for (int64_t q = 0; q < nq; ++q) {
+        const int64_t rows = std::min<int64_t>(NR, nv - q * NR), off = sgm.item + q * NR * BC;
+        if (f32w)
+          to_f32_rows(wf + off, BC, rows, sgm.k, buf.data(), sgm.k);
+        else
+          to_f32_rows(w16 + off, BC, rows, sgm.k, buf.data(), sgm.k);
+        ks.pack_transposed(buf.data(), sgm.k, rows, sgm.k, bp + (q * K + koff) * NR);
+      }
+      koff += sgm.k;
+    }
+  };
+  auto lines = [=](int64_t i, int64_t part, int64_t nparts, std::vector<LineRange>& out) {  // contiguous
+    const char* first = wbytes + int64_t{crow[i]} * blk * esize;
+    lines_part(1, (int64_t{crow[i + 1]} - crow[i]) * blk * esize, [=](int64_t) { return first; }, part, nparts, out);
+  };
+  slice_gemm<float, at::BFloat16>(ks, nullptr, B, N, y.data_ptr<at::BFloat16>(), M, cdiv(M, BR), BR, M,
+                                  bias.has_value() ? bias->data_ptr<at::BFloat16>() : nullptr,
+                                  B * crow[cdiv(M, BR)] * blk, blocks, pack_b, lines,
+                                  reinterpret_cast<const uint16_t*>(x.data_ptr()));
+  return y;
+}
+
+// The bfloat16 grad_input on the float32 kernels (as forward_bf16_f32): dy widened into the
+// batch tiles, the blocks' rows widened (or rounded, for float32 values) into the B panels.
+// Blocks wider than half a tile; nullopt otherwise.
+std::optional<at::Tensor> grad_input_bf16_f32(const at::Tensor& dy, const at::Tensor& values,
+                                              const at::Tensor& ccol_ptr, const at::Tensor& t_row_idx,
+                                              const at::Tensor& t_perm, int64_t N) {
+  const Kernels<float>& ks = active_kernels<float>();
+  const int64_t B = dy.size(0), M = dy.size(1), BR = values.size(1), BC = values.size(2);
+  if (2 * BC <= ks.nr) return std::nullopt;
+  const int NR = ks.nr;
+  const int64_t nq = cdiv(BC, NR), blk = BR * BC, esize = values.element_size();
+  const int32_t *ccol = ccol_ptr.data_ptr<int32_t>(), *t_row = t_row_idx.data_ptr<int32_t>(),
+                *perm = t_perm.data_ptr<int32_t>();
+  const bool f32w = values.scalar_type() == at::kFloat;
+  const float* wf = f32w ? values.data_ptr<float>() : nullptr;
+  const uint16_t* w16 = f32w ? nullptr : reinterpret_cast<const uint16_t*>(values.data_ptr());
+  const char* wbytes = reinterpret_cast<const char*>(values.data_ptr());
+  at::Tensor dx = pooled_empty({B, N}, at::kBFloat16);
+  auto extent = [=](int64_t k) { return std::min(BR, M - t_row[k] * BR); };
+  auto make = [=](int64_t k, int64_t r0, int64_t len) {
+    return Seg<float>{t_row[k] * BR + r0, nullptr, len, perm[k] * blk + r0 * BC};
+  };
+  auto blocks = [=](int64_t j) { return std::make_tuple(int64_t{ccol[j]}, int64_t{ccol[j + 1]}, extent, make); };
+  auto pack_b = [=, &ks](const std::vector<Seg<float>>& sg, int64_t K, int64_t nv, float* bp) {
+    thread_local std::vector<float> buf;
+    buf.resize(kKMax * NR);
+    int64_t koff = 0;
+    for (const Seg<float>& sgm : sg) {
+      for (int64_t q = 0; q < nq; ++q) {
+        const int64_t cols = std::min<int64_t>(NR, nv - q * NR), off = sgm.item + q * NR;
+        if (f32w)
+          to_f32_rows(wf + off, BC, sgm.k, cols, buf.data(), NR);
+        else
+          to_f32_rows(w16 + off, BC, sgm.k, cols, buf.data(), NR);
+        ks.pack_copy(buf.data(), NR, sgm.k, cols, bp + (q * K + koff) * NR, false);
+      }
+      koff += sgm.k;
+    }
+  };
+  auto lines = [=](int64_t j, int64_t part, int64_t nparts, std::vector<LineRange>& out) {
+    lines_part(ccol[j + 1] - ccol[j], blk * esize, [=](int64_t b) { return wbytes + perm[ccol[j] + b] * blk * esize; },
+               part, nparts, out);
+  };
+  slice_gemm<float, at::BFloat16>(ks, nullptr, B, M, dx.data_ptr<at::BFloat16>(), N, cdiv(N, BC), BC, N, nullptr,
+                                  B * ccol[cdiv(N, BC)] * blk, blocks, pack_b, lines,
+                                  reinterpret_cast<const uint16_t*>(dy.data_ptr()));
+  return dx;
+}
+
+// The bfloat16 grad_weight on the float32 kernels: dy and x widened into float32 buffers (one
+// pass each), dW rounded once to bfloat16 as each tile is stored, as bfloat16 or widened to
+// float32 (dw_dtype); db summed in float32 from the widened dy (the bits of bias_grad_of).
+// Blocks as wide as the float32 kernel's wide path; nullopt otherwise.
+std::optional<at::Tensor> grad_weight_bf16_f32(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_idx,
+                                               const at::Tensor& col_idx, const std::optional<at::Tensor>& mask_ids,
+                                               const std::optional<at::Tensor>& mask_patterns, int64_t BR, int64_t BC,
+                                               at::ScalarType dw_dtype, at::Tensor* db) {
+  const Kernels<float>& ks = active_kernels<float>();
+  if (narrow_grad_weight(BC, ks.nr)) return std::nullopt;
+  const int64_t B = dy.size(0), M = dy.size(1), N = x.size(1), nnzb = row_idx.numel();
+  at::Tensor dy32 = pooled_empty({B, M}, at::kFloat), x32 = pooled_empty({B, N}, at::kFloat);
+  const uint16_t *dy16 = reinterpret_cast<const uint16_t*>(dy.data_ptr()),
+                 *x16 = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  float *dyf = dy32.data_ptr<float>(), *xf = x32.data_ptr<float>();
+  at::parallel_for(0, B, grain_for(M + N), [&](int64_t b0, int64_t b1) {
+    to_f32_rows(dy16 + b0 * M, M, b1 - b0, M, dyf + b0 * M, M);
+    to_f32_rows(x16 + b0 * N, N, b1 - b0, N, xf + b0 * N, N);
+  });
+  at::Tensor dw = pooled_empty({nnzb, BR, BC}, dw_dtype);
+  at::Tensor db_f = db ? at::empty({M}, dy.options().dtype(at::kFloat)) : at::Tensor();
+  const bool widen = dw_dtype == at::kFloat;
+  grad_weight_kernel<float>(dyf, xf, row_idx.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(),
+                            mask_ids.has_value() ? mask_ids->data_ptr<int32_t>() : nullptr,
+                            mask_patterns.has_value() ? mask_patterns->data_ptr<bool>() : nullptr,
+                            widen ? dw.data_ptr<float>() : nullptr, nnzb, B, M, N, BR, BC,
+                            db ? db_f.data_ptr<float>() : nullptr,
+                            Bf16Out{widen ? nullptr : reinterpret_cast<uint16_t*>(dw.data_ptr()), widen});
+  if (db) *db = db_f.to(at::kBFloat16);
+  return dw;
+}
+
 // The bfloat16 forward on AVX512_BF16 dot products (bf16_pair_kernels), where the CPU has them
 // and each pair of bfloat16 along K sits in one aligned 32-bit word of x and of every block
 // (even N and BC); nullopt otherwise (the caller computes in float32).
@@ -1021,15 +1233,16 @@ at::Tensor bsr_forward_cpu(const at::Tensor& x, const at::Tensor& values, const 
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == M, "bias: expected shape [", M, "], got ", bias->sizes());
     TORCH_CHECK(bias->is_contiguous(), "bias: expected a contiguous tensor");
   }
-  if (ct != values.scalar_type()) {
-    if (ct == at::kBFloat16 && B > 0 && M > 0) {
-      if (auto y = forward_bf16_pairs_f32w(x, values, bias, crow_ptr, col_idx, M)) return *y;
-    }
-    return bsr_forward_cpu(x, values.to(ct), bias, crow_ptr, col_idx, row_idx, M);
+  if (ct == at::kBFloat16 && B > 0 && M > 0) {  // bfloat16 or float32 values
+    const bool f32w = values.scalar_type() == at::kFloat;
+    std::optional<at::Tensor> y;
+    if (bf16_pair_kernels())
+      y = f32w ? forward_bf16_pairs_f32w(x, values, bias, crow_ptr, col_idx, M)
+               : forward_bf16_pairs(x, values, bias, crow_ptr, col_idx, M);
+    if (!y) y = forward_bf16_f32(x, values, bias, crow_ptr, col_idx, M);
+    if (y) return *y;
   }
-  if (values.scalar_type() == at::kBFloat16 && B > 0 && M > 0) {
-    if (auto y = forward_bf16_pairs(x, values, bias, crow_ptr, col_idx, M)) return *y;
-  }
+  if (ct != values.scalar_type()) return bsr_forward_cpu(x, values.to(ct), bias, crow_ptr, col_idx, row_idx, M);
   if (is_half(values.scalar_type())) {
     std::optional<at::Tensor> bias_f;
     if (bias.has_value()) bias_f = bias->to(at::kFloat);
@@ -1059,8 +1272,11 @@ at::Tensor bsr_grad_input_cpu(const at::Tensor& dy, const at::Tensor& values, co
   check_pointers(ccol_ptr, "ccol_ptr", nbc, nnzb);
   check_range(t_row_idx, "t_row_idx", nbr);
   check_range(t_perm, "t_perm", nnzb);
-  if ((ct == at::kBFloat16) && B > 0 && N > 0) {  // bfloat16 or float32 values
-    if (auto dx = grad_input_bf16_pairs(dy, values, ccol_ptr, t_row_idx, t_perm, N)) return *dx;
+  if (ct == at::kBFloat16 && B > 0 && N > 0) {  // bfloat16 or float32 values
+    std::optional<at::Tensor> dx;
+    if (bf16_pair_kernels()) dx = grad_input_bf16_pairs(dy, values, ccol_ptr, t_row_idx, t_perm, N);
+    if (!dx) dx = grad_input_bf16_f32(dy, values, ccol_ptr, t_row_idx, t_perm, N);
+    if (dx) return *dx;
   }
   if (ct != values.scalar_type()) return bsr_grad_input_cpu(dy, values.to(ct), ccol_ptr, t_row_idx, t_perm, N);
   if (is_half(values.scalar_type()))
@@ -1119,10 +1335,14 @@ at::Tensor grad_weight_cpu(const at::Tensor& dy, const at::Tensor& x, const at::
                            at::ScalarType dw_dtype) {
   const int64_t B = dy.size(0), M = dy.size(1), N = x.size(1), nnzb = row_idx.numel();
   if (dy.scalar_type() == at::kBFloat16 && B > 0 && nnzb > 0) {
-    if (auto dw = grad_weight_bf16_pairs(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC, dw_dtype)) {
-      if (db) *db = bias_grad_of(dy);
-      return *dw;
+    if (bf16_pair_kernels()) {
+      if (auto dw = grad_weight_bf16_pairs(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC, dw_dtype)) {
+        if (db) *db = bias_grad_of(dy);
+        return *dw;
+      }
     }
+    if (auto dw = grad_weight_bf16_f32(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC, dw_dtype, db))
+      return *dw;
   }
   if (db) *db = at::empty({M}, dy.options());
   if (is_half(dy.scalar_type())) {

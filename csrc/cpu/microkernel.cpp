@@ -742,26 +742,86 @@ const Kernels<float>* bf16_pair_kernels() {
            __builtin_cpu_supports("avx512vl");
   }();
   static const Kernels<float> pairs = make_bf16_pairs();
-  const char* off = std::getenv("EFCN_CPU_BF16_DOT");
-  if (has_bf16 && active_isa() == Isa::kAvx512 && !(off && std::strcmp(off, "0") == 0)) return &pairs;
+  // the default: where VDPBF16PS outruns float32 FMAs (AMD: 256-bit FMA pipes); on Intel's
+  // AVX512_BF16 cores it reached ~60% of the FMA rate (BENCHMARKS.md), so floats win there
+  static const bool by_default = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("amd") != 0;
+  }();
+  const char* env = std::getenv("EFCN_CPU_BF16_DOT");
+  const bool want = env && *env ? std::strcmp(env, "0") != 0 : by_default;
+  if (has_bf16 && want && active_isa() == Isa::kAvx512) return &pairs;
 #endif
   return nullptr;
 }
 
 #ifdef EFCN_HAVE_SIMD_PATHS
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void store_rows_bf16(
+namespace {
+// 16 floats rounded to bfloat16 as ATen's vectorised conversion does (to nearest even, subnormals
+// kept, NaN as 0xFFFF), one per 32-bit lane (low half). (Masked shifts with all lanes set: GCC 12
+// warns about the unmasked ones' undefined source.)
+__attribute__((target("avx512f"))) inline __m512i bf16_bits(__m512 v) {
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_maskz_srli_epi32(0xFFFF, b, 16), _mm512_set1_epi32(1));
+  const __m512i r =
+      _mm512_maskz_srli_epi32(0xFFFF, _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __mmask16 lanes16(int64_t c) {
+  return c >= 16 ? 0xFFFF : c <= 0 ? 0 : static_cast<__mmask16>((1u << c) - 1);
+}
+}  // namespace
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void store_rows_bf16(
     const float* tile, int nr, int rows, int64_t nv, uint16_t* out, int64_t ld, const uint16_t* bias) {
   for (int m = 0; m < rows; ++m) {
     const float* t = tile + m * nr;
     uint16_t* o = out + m * ld;
     for (int64_t n = 0; n < nv; n += 16) {
-      const __mmask16 k = nv - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (nv - n)) - 1);
+      const __mmask16 k = lanes16(nv - n);
       __m512 v = _mm512_maskz_loadu_ps(k, t + n);
       if (bias) {  // bfloat16 -> float: the 16 bits shifted into the top half
         const __m512i b = _mm512_maskz_cvtepu16_epi32(k, _mm256_maskz_loadu_epi16(k, bias + n));
         v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_maskz_slli_epi32(k, b, 16)));
       }
-      _mm256_mask_storeu_epi16(o + n, k, (__m256i)_mm512_cvtneps_pbh(v));
+      _mm256_mask_storeu_epi16(o + n, k, _mm512_maskz_cvtepi32_epi16(k, bf16_bits(v)));
+    }
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void store_rows_bf16_widened(
+    const float* tile, int nr, int rows, int64_t nv, float* out, int64_t ld) {
+  for (int m = 0; m < rows; ++m) {
+    const float* t = tile + m * nr;
+    float* o = out + m * ld;
+    for (int64_t n = 0; n < nv; n += 16) {
+      const __mmask16 k = lanes16(nv - n);
+      const __m512i h = bf16_bits(_mm512_maskz_loadu_ps(k, t + n));
+      _mm512_mask_storeu_ps(o + n, k, _mm512_castsi512_ps(_mm512_maskz_slli_epi32(k, h, 16)));
+    }
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void round_rows_bf16(const float* src, int64_t ld, int64_t rows,
+                                                                          int64_t cols, uint16_t* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r, src += ld, dst += ldd) {
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __mmask16 k = lanes16(cols - c);
+      _mm256_mask_storeu_epi16(dst + c, k, _mm512_maskz_cvtepi32_epi16(k, bf16_bits(_mm512_maskz_loadu_ps(k, src + c))));
+    }
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void pack_bf16_pairs_f32(
+    const float* src, int64_t ld, int64_t rows, int64_t cols, int width, float* dst) {
+  for (int64_t r = 0; r < rows; r += 2, src += 2 * ld, dst += width) {
+    const float* s1 = r + 1 < rows ? src + ld : nullptr;
+    for (int n = 0; n < width; n += 16) {
+      const __mmask16 m = lanes16(cols - n);
+      const __m512i a = bf16_bits(_mm512_maskz_loadu_ps(m, src + n));  // masked-off lanes: +0.0 -> 0
+      const __m512i b = s1 ? bf16_bits(_mm512_maskz_loadu_ps(m, s1 + n)) : _mm512_setzero_si512();
+      _mm512_mask_storeu_epi32(dst + n, lanes16(width - n), _mm512_or_si512(a, _mm512_maskz_slli_epi32(0xFFFF, b, 16)));
     }
   }
 }
@@ -772,63 +832,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void pack_bf16_p
   alignas(64) static constexpr uint16_t kZip[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
                                                      8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
   const __m512i zip = _mm512_load_si512(kZip);
-  const auto lanes = [](int64_t c) -> __mmask16 { return c >= 16 ? 0xFFFF : c <= 0 ? 0 : (1u << c) - 1; };
   for (int64_t r = 0; r < rows; r += 2, src += 2 * ld, dst += width) {
     const uint16_t* s1 = r + 1 < rows ? src + ld : nullptr;
     for (int n = 0; n < width; n += 16) {
-      const __mmask32 m = lanes(cols - n);
+      const __mmask32 m = lanes16(cols - n);
       const __m512i a = _mm512_maskz_loadu_epi16(m, src + n);
       const __m512i b = s1 ? _mm512_maskz_loadu_epi16(m, s1 + n) : _mm512_setzero_si512();
-      _mm512_mask_storeu_epi32(dst + n, lanes(width - n), _mm512_permutex2var_epi16(a, zip, b));
-    }
-  }
-}
-
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void store_rows_bf16_widened(
-    const float* tile, int nr, int rows, int64_t nv, float* out, int64_t ld) {
-  for (int m = 0; m < rows; ++m) {
-    const float* t = tile + m * nr;
-    float* o = out + m * ld;
-    for (int64_t n = 0; n < nv; n += 16) {
-      const __mmask16 k = nv - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (nv - n)) - 1);
-      const __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, t + n));
-      _mm512_mask_storeu_ps(o + n, k, _mm512_castsi512_ps(_mm512_maskz_slli_epi32(k, _mm512_maskz_cvtepu16_epi32(k, h), 16)));
-    }
-  }
-}
-
-namespace {
-// 16 floats rounded to bfloat16 as ATen's vectorised conversion does, one per 32-bit lane (low
-// half). (Masked shifts with all lanes set: GCC 12 warns about the unmasked ones' undefined source.)
-__attribute__((target("avx512f"))) inline __m512i bf16_bits(__m512 v) {
-  const __m512i b = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_maskz_srli_epi32(0xFFFF, b, 16), _mm512_set1_epi32(1));
-  const __m512i r =
-      _mm512_maskz_srli_epi32(0xFFFF, _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
-}
-}  // namespace
-
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void round_rows_bf16(const float* src, int64_t ld, int64_t rows,
-                                                                          int64_t cols, uint16_t* dst, int64_t ldd) {
-  for (int64_t r = 0; r < rows; ++r, src += ld, dst += ldd) {
-    for (int64_t c = 0; c < cols; c += 16) {
-      const __mmask16 k = cols - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (cols - c)) - 1);
-      _mm256_mask_storeu_epi16(dst + c, k, _mm512_maskz_cvtepi32_epi16(k, bf16_bits(_mm512_maskz_loadu_ps(k, src + c))));
-    }
-  }
-}
-
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void pack_bf16_pairs_f32(
-    const float* src, int64_t ld, int64_t rows, int64_t cols, int width, float* dst) {
-  const auto lanes = [](int64_t c) -> __mmask16 { return c >= 16 ? 0xFFFF : c <= 0 ? 0 : (1u << c) - 1; };
-  for (int64_t r = 0; r < rows; r += 2, src += 2 * ld, dst += width) {
-    const float* s1 = r + 1 < rows ? src + ld : nullptr;
-    for (int n = 0; n < width; n += 16) {
-      const __mmask16 m = lanes(cols - n);
-      const __m512i a = bf16_bits(_mm512_maskz_loadu_ps(m, src + n));  // masked-off lanes: +0.0 -> 0
-      const __m512i b = s1 ? bf16_bits(_mm512_maskz_loadu_ps(m, s1 + n)) : _mm512_setzero_si512();
-      _mm512_mask_storeu_epi32(dst + n, lanes(width - n), _mm512_or_si512(a, _mm512_maskz_slli_epi32(0xFFFF, b, 16)));
+      _mm512_mask_storeu_epi32(dst + n, lanes16(width - n), _mm512_permutex2var_epi16(a, zip, b));
     }
   }
 }

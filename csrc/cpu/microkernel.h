@@ -113,8 +113,9 @@ const Kernels<T>& kernels();
 // products): a bfloat16 operand viewed as 32-bit words is packed by the float helpers with K
 // halved. Null unless the active ISA is AVX-512 and the CPU has AVX512_BF16. No gemv, and
 // store_rows is not for their outputs (floats the caller converts).
-// EFCN_CPU_BF16_DOT=0 in the environment (read at each call) turns them off: bfloat16 is then
-// computed in float32, as on CPUs without AVX512_BF16.
+// They are used by default where they outrun the float32 kernels (AMD); EFCN_CPU_BF16_DOT=1 or 0
+// in the environment (read at each call) turns them on or off: off, bfloat16 is computed by the
+// float32 kernels on widened operands, as on CPUs without AVX512_BF16.
 const Kernels<float>* bf16_pair_kernels();
 
 // dst[k * width + n] = the pair (src[(2k) * ld + n], src[(2k + 1) * ld + n]) of bfloat16 as one
@@ -124,9 +125,9 @@ const Kernels<float>* bf16_pair_kernels();
 // and dy). Only while bf16_pair_kernels() is not null.
 void pack_bf16_pairs(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, int width, float* dst);
 
-// out[m * ld + n] = bfloat16(tile[m][n] (+ bias[n])), rounded to nearest even, for m < rows,
-// n < nv (tile rows nr floats apart): the bf16 pair kernels' outputs. Only while
-// bf16_pair_kernels() is not null (it uses AVX512_BF16 conversions).
+// out[m * ld + n] = bfloat16(tile[m][n] (+ bias[n])), rounded as torch rounds (to nearest even,
+// subnormals kept), for m < rows, n < nv (tile rows nr floats apart): bfloat16 outputs of float
+// accumulators. Only where the active ISA is AVX-512.
 void store_rows_bf16(const float* tile, int nr, int rows, int64_t nv, uint16_t* out, int64_t ld,
                      const uint16_t* bias);
 
@@ -138,7 +139,7 @@ void store_rows_bf16_widened(const float* tile, int nr, int rows, int64_t nv, fl
 // dst[r * ldd + c] = src[r * ld + c] rounded to bfloat16 as torch's conversion rounds it (to
 // nearest even, subnormals kept, NaN as 0xFFFF), for r < rows, c < cols: float32 weights
 // converted as they are packed for the bf16 pair kernels (autocast: values.to(bfloat16)
-// without the copy). Only while bf16_pair_kernels() is not null.
+// without the copy). Only where the active ISA is AVX-512.
 void round_rows_bf16(const float* src, int64_t ld, int64_t rows, int64_t cols, uint16_t* dst, int64_t ldd);
 
 // pack_bf16_pairs of float32 rows, each entry rounded as round_rows_bf16 rounds it.

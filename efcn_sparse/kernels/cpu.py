@@ -11,7 +11,7 @@ from . import _native
 from ._native import forward, grad_input, grad_weight  # noqa: F401
 
 # float32/float64 natively; bfloat16/float16 are computed in float32 and rounded once at the end
-# (bfloat16 on AVX512_BF16 dot products where the CPU has them: bf16_dot())
+# (bfloat16 with its operands widened as they are packed, or on AVX512_BF16 dot products: bf16_dot())
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -37,11 +37,11 @@ def grad_weight_as(dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR: int, BC
 
 def takes_float32_values(dtype) -> bool:
     """Whether forward and grad_input computing in ``dtype`` are best handed float32 values as
-    they are (autocast's master weights): true for bfloat16 where the dot-product kernels run
-    (bf16_dot()), which round the values as they pack them, with the bits of values.to(bfloat16)
-    and without that copy. (The C++ ops take float32 values with any half-precision operand; where
-    they cannot round while packing, float16 or shapes the dot products do not cover, they copy.)"""
-    return dtype == torch.bfloat16 and bf16_dot()
+    they are (autocast's master weights): true for bfloat16, whose kernels (dot products or
+    float32) round the values as they pack them, with the bits of values.to(bfloat16) and without
+    that copy. (The C++ ops take float32 values with any half-precision operand; where they cannot
+    round while packing, float16 or shapes the bfloat16 kernels do not cover, they copy.)"""
+    return dtype == torch.bfloat16
 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
@@ -64,11 +64,13 @@ def isa(request: str = "") -> str:
 
 def bf16_dot() -> bool:
     """Whether bfloat16 ops now run on the CPU's AVX512_BF16 dot-product instructions (pairs of
-    bfloat16 multiplied and summed into float32, rounded once to bfloat16) rather than on float32
-    copies of their operands: the CPU has them, the active ISA is AVX-512 and
-    ``EFCN_CPU_BF16_DOT`` is not ``0``. Shapes it does not cover still go through float32: the
-    forward needs N and the block width even; grad_input M and the block height even and blocks
-    wider than 16; grad_weight blocks wider than 8 and a block height that is a multiple of 8."""
+    bfloat16 multiplied and summed into float32, rounded once to bfloat16) rather than on the
+    float32 kernels (operands widened as they are packed, the float32 sums rounded once): the CPU
+    has them, the active ISA is AVX-512, and ``EFCN_CPU_BF16_DOT`` is ``1``, or unset on an AMD CPU
+    (elsewhere VDPBF16PS runs below the float32 FMA rate: on this project's Intel Xeon the dot
+    products took 1.5x the float32 kernels' time). Shapes it does not cover go through float32:
+    the forward needs N and the block width even; grad_input M and the block height even and
+    blocks wider than 16; grad_weight blocks wider than 8 and a block height that is a multiple of 8."""
     if not _extension.load():
         raise RuntimeError(f"the compiled extension is not available ({_extension.error()})")
     return bool(torch.ops.efcn_sparse_C.cpu_bf16_dot())
