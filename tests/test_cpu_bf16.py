@@ -113,15 +113,17 @@ def test_turned_off_it_computes_in_float32_exactly(dot_off, shape, B):
 def test_float32_path_gives_the_same_bits_on_every_isa(dot_off):
     """The float32 path of bfloat16 (rounding in vector registers on AVX-512, one entry at a time
     elsewhere) is the same computation on every ISA: the SIMD ISAs agree bit for bit."""
+    simd = [name for name in cpu.supported_isas() if name != "generic"]
+    if len(simd) < 2:
+        pytest.skip(f"fewer than two SIMD ISAs here: {simd}")
     lay, x, dy, v, bias = _inputs(SHAPES[1], 29)
     ops = backends.kernels("cpu")
     before = cpu.isa()
     try:
         results = {}
-        for name in cpu.supported_isas():
-            if name != "generic":
-                cpu.isa(name)
-                results[name] = run_all(ops, lay, x, dy, v, bias)
+        for name in simd:
+            cpu.isa(name)
+            results[name] = run_all(ops, lay, x, dy, v, bias)
     finally:
         cpu.isa(before)
     first = next(iter(results.values()))
