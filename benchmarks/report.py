@@ -250,15 +250,21 @@ def section_headline(run: Run) -> list:
     if paired:
         out += ["Paired measurements of the same comparisons: the eFCN and the anchor timed in alternating rounds, "
                 "the ratio taken per pair (eFCN ÷ anchor, below 1: the eFCN is faster), median and range over the "
-                "pairs. These are the numbers to trust on a loaded machine.", "",
+                "pairs. These are the numbers to trust on a loaded machine. `fwd_bwd_bf16_autocast`: the module's "
+                "forward+backward as a bfloat16 `torch.autocast` training step runs it (float32 master weights, "
+                "gradients into them and the input), the conv under the same autocast; its GFLOP/s count fwd_bwd's "
+                "useful work, against the float32 mm.", "",
                 "| layer | op | backend | anchor | pairs | eFCN ÷ anchor (median) | range | anchor ÷ eFCN | "
                 "eFCN median | anchor median | eFCN GFLOP/s (% mm) | anchor GFLOP/s (% mm) |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for p in paired:
             rows = run.layer_rows(p["layer"])
             cells = []
-            for impl, t in ((f"efcn[{p['backend']}]", p["efcn_median"]), (p["anchor"], p["anchor_median"])):
-                r = run.find(rows, impl, p["op"])
+            # an op named fwd_bwd_<variant> (e.g. _bf16_autocast) does fwd_bwd's useful work; an anchor
+            # "conv (autocast)" is the conv's
+            op = "fwd_bwd" if p["op"].startswith("fwd_bwd") else p["op"]
+            for impl, t in ((f"efcn[{p['backend']}]", p["efcn_median"]), (p["anchor"].split(" (")[0], p["anchor_median"])):
+                r = run.find(rows, impl, op)
                 gf, frac = run.rate(run.useful_flops(r), t) if r else (None, None)
                 cells.append("—" if gf is None else f"{gf:.1f}" + (f" ({100 * frac:.0f}%)" if frac is not None else ""))
             out.append(f"| {p['layer']} | {p['op']} | {p['backend']} | {p['anchor']} | {p['pairs']} | "
