@@ -211,9 +211,18 @@ inline uint16_t bf16_bits_of(float v) {
 inline float round_to_bf16(float v) { return widen_bf16(bf16_bits_of(v)); }
 
 // dst[r * ldd + c] = src[r * ld + c] as float32 for r < rows, c < cols: bfloat16 bits widened
-// (S = uint16_t), or float32 values rounded to bfloat16 (S = float).
+// (S = uint16_t), or float32 values rounded to bfloat16 (S = float; dst may be src). Vectorised
+// on AVX-512 (microkernel.h), the same bits one at a time elsewhere.
 template <typename S>
 void to_f32_rows(const S* src, int64_t ld, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+  if (rows <= 0 || cols <= 0) return;
+  if (active_isa() == Isa::kAvx512) {
+    if constexpr (std::is_same_v<S, uint16_t>)
+      widen_bf16_rows(src, ld, rows, cols, dst, ldd);
+    else
+      round_rows_f32(src, ld, rows, cols, dst, ldd);
+    return;
+  }
   for (int64_t r = 0; r < rows; ++r, src += ld, dst += ldd) {
     if constexpr (std::is_same_v<S, uint16_t>) {
       for (int64_t c = 0; c < cols; ++c) dst[c] = widen_bf16(src[c]);

@@ -813,6 +813,28 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void round_rows_bf16(const 
   }
 }
 
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void widen_bf16_rows(const uint16_t* src, int64_t ld, int64_t rows,
+                                                                          int64_t cols, float* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r, src += ld, dst += ldd) {
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __mmask16 k = lanes16(cols - c);
+      const __m512i w = _mm512_maskz_cvtepu16_epi32(k, _mm256_maskz_loadu_epi16(k, src + c));
+      _mm512_mask_storeu_ps(dst + c, k, _mm512_castsi512_ps(_mm512_maskz_slli_epi32(k, w, 16)));
+    }
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void round_rows_f32(const float* src, int64_t ld, int64_t rows,
+                                                                         int64_t cols, float* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r, src += ld, dst += ldd) {
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __mmask16 k = lanes16(cols - c);
+      const __m512i b = bf16_bits(_mm512_maskz_loadu_ps(k, src + c));
+      _mm512_mask_storeu_ps(dst + c, k, _mm512_castsi512_ps(_mm512_maskz_slli_epi32(k, b, 16)));
+    }
+  }
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void pack_bf16_pairs_f32(
     const float* src, int64_t ld, int64_t rows, int64_t cols, int width, float* dst) {
   for (int64_t r = 0; r < rows; r += 2, src += 2 * ld, dst += width) {
@@ -848,6 +870,8 @@ void pack_bf16_pairs(const uint16_t*, int64_t, int64_t, int64_t, int, float*) {}
 void store_rows_bf16_widened(const float*, int, int, int64_t, float*, int64_t) {}
 void round_rows_bf16(const float*, int64_t, int64_t, int64_t, uint16_t*, int64_t) {}
 void pack_bf16_pairs_f32(const float*, int64_t, int64_t, int64_t, int, float*) {}
+void widen_bf16_rows(const uint16_t*, int64_t, int64_t, int64_t, float*, int64_t) {}
+void round_rows_f32(const float*, int64_t, int64_t, int64_t, float*, int64_t) {}
 #endif
 
 void store_fence() {

@@ -142,6 +142,13 @@ void store_rows_bf16_widened(const float* tile, int nr, int rows, int64_t nv, fl
 // without the copy). Only where the active ISA is AVX-512.
 void round_rows_bf16(const float* src, int64_t ld, int64_t rows, int64_t cols, uint16_t* dst, int64_t ldd);
 
+// dst[r * ldd + c] = src[r * ld + c] as float32 for r < rows, c < cols: bfloat16 bits widened
+// (widen_bf16_rows), or float32 entries rounded to bfloat16 as round_rows_bf16 rounds them and
+// widened back (round_rows_f32; dst may be src). Only where the active ISA is AVX-512 (the
+// callers' portable loops give the same bits elsewhere).
+void widen_bf16_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, float* dst, int64_t ldd);
+void round_rows_f32(const float* src, int64_t ld, int64_t rows, int64_t cols, float* dst, int64_t ldd);
+
 // pack_bf16_pairs of float32 rows, each entry rounded as round_rows_bf16 rounds it.
 void pack_bf16_pairs_f32(const float* src, int64_t ld, int64_t rows, int64_t cols, int width, float* dst);
 
