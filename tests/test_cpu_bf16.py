@@ -185,7 +185,7 @@ def _ties_and_subnormals(v):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}_b{s[2]}x{s[3]}")
-@pytest.mark.parametrize("B", [2, 29])
+@pytest.mark.parametrize("B", [1, 2, 29])
 def test_float32_values_compute_as_their_bfloat16_copy(shape, B, path):
     """float32 values with bfloat16 x/dy (autocast's master weights, handed over uncast): the same
     bits as with values.to(bfloat16), ties-to-even and subnormals included, whether the kernel

@@ -682,12 +682,23 @@ void grad_weight_narrow_kernel(const Kernels<T>& ks, const T* dy, const T* x, co
 // (Kernels::gemv): memory-bound, the weights are read once and not transposed into panels.
 constexpr int64_t kGemvBatch = 2;
 
-template <typename T>
-void forward_gemv(const Kernels<T>& ks, const T* x, const T* w, const T* bias, const int32_t* crow, const int32_t* col,
-                  T* y, int64_t B, int64_t N, int64_t M, int64_t BR, int64_t BC) {
+// y = x W^T + bias by gemv(w_segments, x_segments, len, nseg, rows, ldw, out) per block row and
+// sample. WT: the weights' element type; OutT: y's and bias's (uint16_t: bfloat16 bits, each
+// output rounded once from its float sum plus the widened bias).
+template <typename T, typename WT, typename OutT, typename Gemv>
+void forward_gemv(Gemv gemv, const T* x, const WT* w, const OutT* bias, const int32_t* crow, const int32_t* col,
+                  OutT* y, int64_t B, int64_t N, int64_t M, int64_t BR, int64_t BC) {
+  constexpr bool kBf16Out = std::is_same_v<OutT, uint16_t>;
+  auto in = [](OutT v) -> T {
+    if constexpr (kBf16Out) return widen_bf16(v); else return v;
+  };
+  auto out = [](T v) -> OutT {
+    if constexpr (kBf16Out) return bf16_bits_of(v); else return v;
+  };
   const int64_t nbr = cdiv(M, BR);
   struct Scratch {
-    std::vector<const T*> ws, xs;
+    std::vector<const WT*> ws;
+    std::vector<const T*> xs;
     std::vector<int64_t> len;
     std::vector<T> out;
   };
@@ -704,12 +715,12 @@ void forward_gemv(const Kernels<T>& ks, const T* x, const T* w, const T* bias, c
       }
       for (int64_t b = 0; b < B; ++b) {
         for (int64_t p = p0; p < p1; ++p) st.xs[p - p0] = x + b * N + col[p] * BC;
-        T* o = y + b * M + i * BR;
+        OutT* o = y + b * M + i * BR;
         if (p1 > p0) {
-          ks.gemv(st.ws.data(), st.xs.data(), st.len.data(), static_cast<int>(p1 - p0), rows, BC, st.out.data());
-          for (int64_t r = 0; r < rows; ++r) o[r] = bias ? st.out[r] + bias[i * BR + r] : st.out[r];
+          gemv(st.ws.data(), st.xs.data(), st.len.data(), static_cast<int>(p1 - p0), rows, BC, st.out.data());
+          for (int64_t r = 0; r < rows; ++r) o[r] = out(bias ? st.out[r] + in(bias[i * BR + r]) : st.out[r]);
         } else {
-          for (int64_t r = 0; r < rows; ++r) o[r] = bias ? bias[i * BR + r] : T(0);
+          for (int64_t r = 0; r < rows; ++r) o[r] = bias ? bias[i * BR + r] : out(T(0));
         }
       }
     }
@@ -725,7 +736,7 @@ void forward_kernel(const Kernels<T>& ks, const T* x, const T* w, const OutT* bi
   // weights, which gemv does once in place; the narrow path would copy them all into panels
   // to fill tile columns whose rows (the batch) are mostly empty anyway.
   if constexpr (std::is_same_v<T, OutT>) {
-    if (B <= kGemvBatch && ks.gemv) return forward_gemv(ks, x, w, bias, crow, col, y, B, N, M, BR, BC);
+    if (B <= kGemvBatch && ks.gemv) return forward_gemv<T, T, T>(ks.gemv, x, w, bias, crow, col, y, B, N, M, BR, BC);
   }
   const int NR = ks.nr;
   if (2 * BR <= NR)
@@ -904,7 +915,28 @@ std::optional<at::Tensor> forward_bf16_f32(const at::Tensor& x, const at::Tensor
                                            const at::Tensor& col_idx, int64_t M) {
   const Kernels<float>& ks = active_kernels<float>();
   const int64_t B = x.size(0), N = x.size(1), BR = values.size(1), BC = values.size(2);
-  if (2 * BR <= ks.nr || (B <= kGemvBatch && ks.gemv)) return std::nullopt;
+  if (B <= kGemvBatch && ks.gemv) {  // the weights read once, as bfloat16, by the float gemv's chains
+    at::Tensor xf = at::empty({B, N}, x.options().dtype(at::kFloat));
+    to_f32_rows(reinterpret_cast<const uint16_t*>(x.data_ptr()), N, B, N, xf.data_ptr<float>(), N);
+    at::Tensor y = pooled_empty({B, M}, at::kBFloat16);
+    const uint16_t* b16 = bias.has_value() ? reinterpret_cast<const uint16_t*>(bias->data_ptr()) : nullptr;
+    auto* y16 = reinterpret_cast<uint16_t*>(y.data_ptr());
+    const int32_t *crow = crow_ptr.data_ptr<int32_t>(), *col = col_idx.data_ptr<int32_t>();
+    if (values.scalar_type() == at::kFloat) {
+      const auto gemv = [](const float* const* w, const float* const* xs, const int64_t* len, int nseg, int64_t rows,
+                           int64_t ldw, float* out) { gemv_bf16(w, xs, len, nseg, rows, ldw, out); };
+      forward_gemv<float, float, uint16_t>(gemv, xf.data_ptr<float>(), values.data_ptr<float>(), b16, crow, col, y16, B,
+                                           N, M, BR, BC);
+    } else {
+      const auto gemv = [](const uint16_t* const* w, const float* const* xs, const int64_t* len, int nseg,
+                           int64_t rows, int64_t ldw, float* out) { gemv_bf16(w, xs, len, nseg, rows, ldw, out); };
+      forward_gemv<float, uint16_t, uint16_t>(gemv, xf.data_ptr<float>(),
+                                              reinterpret_cast<const uint16_t*>(values.data_ptr()), b16, crow, col, y16,
+                                              B, N, M, BR, BC);
+    }
+    return y;
+  }
+  if (2 * BR <= ks.nr) return std::nullopt;
   const int NR = ks.nr;
   const int64_t nq = cdiv(BR, NR), blk = BR * BC, esize = values.element_size();
   const int32_t *crow = crow_ptr.data_ptr<int32_t>(), *col = col_idx.data_ptr<int32_t>();

@@ -835,6 +835,63 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void round_rows_f32(const f
   }
 }
 
+namespace {
+// 16 weights (masked) as float32: bfloat16 bits widened, or float32 rounded to bfloat16 first
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_as_bf16(__mmask16 m, const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(m, _mm512_maskz_cvtepu16_epi32(m, _mm256_maskz_loadu_epi16(m, p)), 16));
+}
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_as_bf16(__mmask16 m, const float* p) {
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(m, bf16_bits(_mm512_maskz_loadu_ps(m, p)), 16));
+}
+
+// gemv_rows_avx512<float, R> with the weights read as bfloat16 (W: their bits, or float32 rounded
+// as they are loaded): the same chains, so the same bits as on widened copies.
+template <typename W, int R>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void gemv_rows_bf16(const W* const* w, const float* const* x,
+                                                                         const int64_t* len, int nseg, int64_t ldw,
+                                                                         float* out) {
+  using Z = Zmm<float>;
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = Z::zero();
+  for (int s = 0; s < nseg; ++s) {
+    const float* xs = x[s];
+    const W* ws = w[s];
+    const int64_t n = len[s];
+    for (int64_t k = 0; k < n; k += 16) {
+      const __mmask16 m = lanes16(n - k);
+      const __m512 xv = Z::load(m, xs + k);
+      for (int r = 0; r < R; ++r) acc[r] = Z::fma(load_as_bf16(m, ws + r * ldw + k), xv, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = Z::sum(acc[r]);
+}
+
+template <typename W>
+void gemv_bf16_impl(const W* const* w, const float* const* x, const int64_t* len, int nseg, int64_t rows, int64_t ldw,
+                    float* out) {
+  std::vector<const W*> wr(w, w + nseg);
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    for (int s = 0; s < nseg; ++s) wr[s] = w[s] + r * ldw;
+    gemv_rows_bf16<W, 4>(wr.data(), x, len, nseg, ldw, out + r);
+  }
+  for (; r < rows; ++r) {
+    for (int s = 0; s < nseg; ++s) wr[s] = w[s] + r * ldw;
+    gemv_rows_bf16<W, 1>(wr.data(), x, len, nseg, ldw, out + r);
+  }
+}
+}  // namespace
+
+void gemv_bf16(const uint16_t* const* w, const float* const* x, const int64_t* len, int nseg, int64_t rows, int64_t ldw,
+               float* out) {
+  gemv_bf16_impl(w, x, len, nseg, rows, ldw, out);
+}
+
+void gemv_bf16(const float* const* w, const float* const* x, const int64_t* len, int nseg, int64_t rows, int64_t ldw,
+               float* out) {
+  gemv_bf16_impl(w, x, len, nseg, rows, ldw, out);
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void pack_bf16_pairs_f32(
     const float* src, int64_t ld, int64_t rows, int64_t cols, int width, float* dst) {
   for (int64_t r = 0; r < rows; r += 2, src += 2 * ld, dst += width) {
@@ -871,6 +928,8 @@ void store_rows_bf16_widened(const float*, int, int, int64_t, float*, int64_t) {
 void round_rows_bf16(const float*, int64_t, int64_t, int64_t, uint16_t*, int64_t) {}
 void pack_bf16_pairs_f32(const float*, int64_t, int64_t, int64_t, int, float*) {}
 void widen_bf16_rows(const uint16_t*, int64_t, int64_t, int64_t, float*, int64_t) {}
+void gemv_bf16(const uint16_t* const*, const float* const*, const int64_t*, int, int64_t, int64_t, float*) {}
+void gemv_bf16(const float* const*, const float* const*, const int64_t*, int, int64_t, int64_t, float*) {}
 void round_rows_f32(const float*, int64_t, int64_t, int64_t, float*, int64_t) {}
 #endif
 

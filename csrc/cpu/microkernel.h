@@ -149,6 +149,14 @@ void round_rows_bf16(const float* src, int64_t ld, int64_t rows, int64_t cols, u
 void widen_bf16_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, float* dst, int64_t ldd);
 void round_rows_f32(const float* src, int64_t ld, int64_t rows, int64_t cols, float* dst, int64_t ldd);
 
+// Kernels<float>::gemv (AVX-512) with the weights read as bfloat16: their bits (uint16_t), or
+// float32 values rounded to bfloat16 as they are loaded; x float32. The same bits as the float
+// gemv on widened copies. Only where the active ISA is AVX-512.
+void gemv_bf16(const uint16_t* const* w, const float* const* x, const int64_t* len, int nseg, int64_t rows, int64_t ldw,
+               float* out);
+void gemv_bf16(const float* const* w, const float* const* x, const int64_t* len, int nseg, int64_t rows, int64_t ldw,
+               float* out);
+
 // pack_bf16_pairs of float32 rows, each entry rounded as round_rows_bf16 rounds it.
 void pack_bf16_pairs_f32(const float* src, int64_t ld, int64_t rows, int64_t cols, int width, float* dst);
 
