@@ -9,7 +9,7 @@ No relative imports: ``memprobe.py`` loads this as a top-level module in a subpr
 from __future__ import annotations
 
 import copy
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -85,10 +85,13 @@ def make_variant(variant: str, cnn: nn.Module, input_shape, backend=None) -> nn.
     return densify(m) if variant == "efcn_dense" else m
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """One SGD step on cross-entropy; returns the loss (detached)."""
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               autocast: Optional[torch.dtype] = None) -> torch.Tensor:
+    """One SGD step on cross-entropy (the forward under ``torch.autocast(autocast)`` if given);
+    returns the loss (detached)."""
     opt.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(x), y)
+    with torch.autocast(x.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        loss = F.cross_entropy(model(x).float(), y)
     loss.backward()
     opt.step()
     return loss.detach()

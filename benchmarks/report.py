@@ -344,13 +344,16 @@ def section_models(run: Run) -> list:
                    if any("train_step" in k for k in run.records.get("skipped", {})) else "") + ".", ""]
     out = ["## Training step of whole models", "",
            "One SGD step (momentum 0.9, cross-entropy) on 3×32×32 inputs: the CNN, its sparse eFCN (halo 0, "
-           "`efcn_sparse.embed`) per backend and the authors' dense eFCN (`nn.Linear` per conv). GFLOP/s counts "
+           "`efcn_sparse.embed`) per backend and the authors' dense eFCN (`nn.Linear` per conv); rows marked "
+           "`bf16 autocast` run the forward under `torch.autocast(dtype=torch.bfloat16)` (float32 master "
+           "weights), × CNN against the CNN's step under the same autocast. GFLOP/s counts "
            "the convs' useful work (3 GEMMs × 2 × batch × stored entries).", "",
            "| model | variant | batch | median | IQR | × CNN | conv GFLOP/s |", "|---|---|---|---|---|---|---|"]
     for model in dict.fromkeys(r["model"] for r in rows):
         mr = [r for r in rows if r["model"] == model]
-        cnn = next((r["median"] for r in mr if r["variant"] == "cnn"), None)
         for r in mr:
+            prec = r.get("precision", "fp32")
+            cnn = next((c["median"] for c in mr if c["variant"] == "cnn" and c.get("precision", "fp32") == prec), None)
             out.append(f"| {model} | {r['impl']} | {r['batch']} | {fmt_t(r['median'])} | "
                        f"{100 * r['iqr'] / r['median']:.0f}% | {fmt_x(r['median'] / cnn) if cnn else '—'} | "
                        f"{r['conv_flops'] / r['median'] / 1e9:.1f} |")

@@ -1,6 +1,7 @@
 """One SGD training step of the paper's small CNN and of AlexNet (3x32x32 inputs, batch 128):
 the CNN against its sparse eFCN (halo 0) on every available backend and the authors' dense
-eFCN (nn.Linear). Before timing, each eFCN is checked to compute the CNN's function."""
+eFCN (nn.Linear); and the CNN against the sparse eFCN in a bfloat16 ``torch.autocast`` step.
+Before timing, each eFCN is checked to compute the CNN's function."""
 
 from __future__ import annotations
 
@@ -16,14 +17,17 @@ def _params():
     out = []
     # smoke: AlexNet's training step already runs in test_bench_memory
     for model in ("paper_cnn", "alexnet") if bl.FULL else ("paper_cnn",):
-        out.append(pytest.param(model, "cnn", None, id=f"{model}-cnn"))
-        out += [pytest.param(model, "efcn_sparse", b, id=f"{model}-efcn_{b}") for b in bl.backends_to_run()]
-        out.append(pytest.param(model, "efcn_dense", None, id=f"{model}-efcn_dense"))
+        out.append(pytest.param(model, "cnn", None, None, id=f"{model}-cnn"))
+        out += [pytest.param(model, "efcn_sparse", b, None, id=f"{model}-efcn_{b}") for b in bl.backends_to_run()]
+        out.append(pytest.param(model, "efcn_dense", None, None, id=f"{model}-efcn_dense"))
+        out.append(pytest.param(model, "cnn", None, "bf16", id=f"{model}-cnn-bf16_autocast"))
+        out += [pytest.param(model, "efcn_sparse", b, "bf16", id=f"{model}-efcn_{b}-bf16_autocast")
+                for b in bl.backends_to_run() if b != "reference"]
     return out
 
 
-@pytest.mark.parametrize("model,variant,backend", _params())
-def test_train_step(benchmark, model, variant, backend):
+@pytest.mark.parametrize("model,variant,backend,autocast", _params())
+def test_train_step(benchmark, model, variant, backend, autocast):
     bl.release_state()
     cfg = modelkit.model_config(model, bl.FULL)
     bl.seed(model)
@@ -44,9 +48,12 @@ def test_train_step(benchmark, model, variant, backend):
     def check(loss):
         assert torch.isfinite(loss), f"{model} {variant}: non-finite loss"
     flops = 3 * 2 * B * (counts["stored"] if variant != "efcn_dense" else counts["dense"])
-    bl.measure(benchmark, lambda: modelkit.train_step(m, opt, x, y), check, group=f"{model} train_step",
+    dtype = torch.bfloat16 if autocast == "bf16" else None
+    impl = variant if variant != "efcn_sparse" else f"efcn[{backend}]"
+    bl.measure(benchmark, lambda: modelkit.train_step(m, opt, x, y, dtype), check, group=f"{model} train_step",
                info=dict(model=model, variant=variant, backend=backend, batch=B, op="train_step",
-                         impl=variant if variant != "efcn_sparse" else f"efcn[{backend}]",
+                         precision="bf16 autocast" if dtype else "fp32",
+                         impl=impl + (", bf16 autocast" if dtype else ""),
                          kind="efcn" if variant == "efcn_sparse" else "anchor",
                          conv_flops=3 * 2 * B * counts["stored"], executed_conv_flops=flops,
                          stored=counts["stored"], dense_entries=counts["dense"], config=cfg))
