@@ -906,6 +906,26 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
 }
 
 // ------------------------------------------------------------------------------ ops
+// The values of a bfloat16 op as the float32 kernels read them: bfloat16 bits widened, or float32
+// master values rounded to bfloat16 (autocast).
+struct Bf16Values {
+  const float* f32 = nullptr;
+  const uint16_t* b16 = nullptr;
+  const char* bytes;
+  int64_t esize;
+  explicit Bf16Values(const at::Tensor& v)
+      : bytes(reinterpret_cast<const char*>(v.data_ptr())), esize(v.element_size()) {
+    if (v.scalar_type() == at::kFloat) f32 = v.data_ptr<float>();
+    else b16 = reinterpret_cast<const uint16_t*>(v.data_ptr());
+  }
+  // to_f32_rows of the values from element offset off
+  void rows(int64_t off, int64_t ld, int64_t rows, int64_t cols, float* dst, int64_t ldd) const {
+    if (f32) to_f32_rows(f32 + off, ld, rows, cols, dst, ldd);
+    else to_f32_rows(b16 + off, ld, rows, cols, dst, ldd);
+  }
+  const char* block(int64_t p, int64_t blk) const { return bytes + p * blk * esize; }
+};
+
 // The bfloat16 forward on the float32 kernels: x widened into the batch tiles, the values
 // (bfloat16, or float32 master values rounded to bfloat16) widened into the B panels, y rounded
 // once: bit for bit the float32 forward of the widened copies, rounded. Blocks that fill a tile,
@@ -938,12 +958,9 @@ std::optional<at::Tensor> forward_bf16_f32(const at::Tensor& x, const at::Tensor
   }
   if (2 * BR <= ks.nr) return std::nullopt;
   const int NR = ks.nr;
-  const int64_t nq = cdiv(BR, NR), blk = BR * BC, esize = values.element_size();
+  const int64_t nq = cdiv(BR, NR), blk = BR * BC;
   const int32_t *crow = crow_ptr.data_ptr<int32_t>(), *col = col_idx.data_ptr<int32_t>();
-  const bool f32w = values.scalar_type() == at::kFloat;
-  const float* wf = f32w ? values.data_ptr<float>() : nullptr;
-  const uint16_t* w16 = f32w ? nullptr : reinterpret_cast<const uint16_t*>(values.data_ptr());
-  const char* wbytes = reinterpret_cast<const char*>(values.data_ptr());
+  const Bf16Values w(values);
   at::Tensor y = pooled_empty({B, M}, at::kBFloat16);
   auto extent = [=](int64_t p) { return std::min(BC, N - col[p] * BC); };
   auto make = [=](int64_t p, int64_t k0, int64_t k) { return Seg<float>{col[p] * BC + k0, nullptr, k, p * blk + k0}; };
@@ -954,19 +971,16 @@ std::optional<at::Tensor> forward_bf16_f32(const at::Tensor& x, const at::Tensor
     int64_t koff = 0;
     for (const Seg<float>& sgm : sg) {
       for (int64_t q = 0; q < nq; ++q) {
-        const int64_t rows = std::min<int64_t>(NR, nv - q * NR), off = sgm.item + q * NR * BC;
-        if (f32w)
-          to_f32_rows(wf + off, BC, rows, sgm.k, buf.data(), sgm.k);
-        else
-          to_f32_rows(w16 + off, BC, rows, sgm.k, buf.data(), sgm.k);
+        const int64_t rows = std::min<int64_t>(NR, nv - q * NR);
+        w.rows(sgm.item + q * NR * BC, BC, rows, sgm.k, buf.data(), sgm.k);
         ks.pack_transposed(buf.data(), sgm.k, rows, sgm.k, bp + (q * K + koff) * NR);
       }
       koff += sgm.k;
     }
   };
   auto lines = [=](int64_t i, int64_t part, int64_t nparts, std::vector<LineRange>& out) {  // contiguous
-    const char* first = wbytes + int64_t{crow[i]} * blk * esize;
-    lines_part(1, (int64_t{crow[i + 1]} - crow[i]) * blk * esize, [=](int64_t) { return first; }, part, nparts, out);
+    const char* first = w.block(crow[i], blk);
+    lines_part(1, (int64_t{crow[i + 1]} - crow[i]) * blk * w.esize, [=](int64_t) { return first; }, part, nparts, out);
   };
   slice_gemm<float, at::BFloat16>(ks, nullptr, B, N, y.data_ptr<at::BFloat16>(), M, cdiv(M, BR), BR, M,
                                   bias.has_value() ? bias->data_ptr<at::BFloat16>() : nullptr,
@@ -985,13 +999,10 @@ std::optional<at::Tensor> grad_input_bf16_f32(const at::Tensor& dy, const at::Te
   const int64_t B = dy.size(0), M = dy.size(1), BR = values.size(1), BC = values.size(2);
   if (2 * BC <= ks.nr) return std::nullopt;
   const int NR = ks.nr;
-  const int64_t nq = cdiv(BC, NR), blk = BR * BC, esize = values.element_size();
+  const int64_t nq = cdiv(BC, NR), blk = BR * BC;
   const int32_t *ccol = ccol_ptr.data_ptr<int32_t>(), *t_row = t_row_idx.data_ptr<int32_t>(),
                 *perm = t_perm.data_ptr<int32_t>();
-  const bool f32w = values.scalar_type() == at::kFloat;
-  const float* wf = f32w ? values.data_ptr<float>() : nullptr;
-  const uint16_t* w16 = f32w ? nullptr : reinterpret_cast<const uint16_t*>(values.data_ptr());
-  const char* wbytes = reinterpret_cast<const char*>(values.data_ptr());
+  const Bf16Values w(values);
   at::Tensor dx = pooled_empty({B, N}, at::kBFloat16);
   auto extent = [=](int64_t k) { return std::min(BR, M - t_row[k] * BR); };
   auto make = [=](int64_t k, int64_t r0, int64_t len) {
@@ -1004,19 +1015,16 @@ std::optional<at::Tensor> grad_input_bf16_f32(const at::Tensor& dy, const at::Te
     int64_t koff = 0;
     for (const Seg<float>& sgm : sg) {
       for (int64_t q = 0; q < nq; ++q) {
-        const int64_t cols = std::min<int64_t>(NR, nv - q * NR), off = sgm.item + q * NR;
-        if (f32w)
-          to_f32_rows(wf + off, BC, sgm.k, cols, buf.data(), NR);
-        else
-          to_f32_rows(w16 + off, BC, sgm.k, cols, buf.data(), NR);
+        const int64_t cols = std::min<int64_t>(NR, nv - q * NR);
+        w.rows(sgm.item + q * NR, BC, sgm.k, cols, buf.data(), NR);
         ks.pack_copy(buf.data(), NR, sgm.k, cols, bp + (q * K + koff) * NR, false);
       }
       koff += sgm.k;
     }
   };
   auto lines = [=](int64_t j, int64_t part, int64_t nparts, std::vector<LineRange>& out) {
-    lines_part(ccol[j + 1] - ccol[j], blk * esize, [=](int64_t b) { return wbytes + perm[ccol[j] + b] * blk * esize; },
-               part, nparts, out);
+    lines_part(ccol[j + 1] - ccol[j], blk * w.esize, [=](int64_t b) { return w.block(perm[ccol[j] + b], blk); }, part,
+               nparts, out);
   };
   slice_gemm<float, at::BFloat16>(ks, nullptr, B, M, dx.data_ptr<at::BFloat16>(), N, cdiv(N, BC), BC, N, nullptr,
                                   B * ccol[cdiv(N, BC)] * blk, blocks, pack_b, lines,
@@ -1139,11 +1147,7 @@ std::optional<at::Tensor> grad_input_bf16_pairs(const at::Tensor& dy, const at::
   const int64_t nq = cdiv(BC, NR), BRw = BR / 2, Mw = M / 2, blk = BR * BC;
   const int32_t *ccol = ccol_ptr.data_ptr<int32_t>(), *t_row = t_row_idx.data_ptr<int32_t>(),
                 *perm = t_perm.data_ptr<int32_t>();
-  const bool f32w = values.scalar_type() == at::kFloat;
-  const uint16_t* w = f32w ? nullptr : reinterpret_cast<const uint16_t*>(values.data_ptr());
-  const float* wf = f32w ? values.data_ptr<float>() : nullptr;
-  const int64_t esize = values.element_size();
-  const char* wbytes = reinterpret_cast<const char*>(values.data_ptr());
+  const Bf16Values w(values);
   at::Tensor dx = pooled_empty({B, N}, at::kBFloat16);
   auto extent = [=](int64_t k) { return std::min(BRw, Mw - t_row[k] * BRw); };
   // item: the element offset of the segment's first row in the values
@@ -1157,17 +1161,17 @@ std::optional<at::Tensor> grad_input_bf16_pairs(const at::Tensor& dy, const at::
     for (const Seg<float>& sgm : sg) {
       for (int64_t q = 0; q < nq; ++q) {
         const int64_t cols = std::min<int64_t>(NR, nv - q * NR);
-        if (f32w)
-          pack_bf16_pairs_f32(wf + sgm.item + q * NR, BC, 2 * sgm.k, cols, NR, bp + (q * K + koff) * NR);
+        if (w.f32)
+          pack_bf16_pairs_f32(w.f32 + sgm.item + q * NR, BC, 2 * sgm.k, cols, NR, bp + (q * K + koff) * NR);
         else
-          pack_bf16_pairs(w + sgm.item + q * NR, BC, 2 * sgm.k, cols, NR, bp + (q * K + koff) * NR);
+          pack_bf16_pairs(w.b16 + sgm.item + q * NR, BC, 2 * sgm.k, cols, NR, bp + (q * K + koff) * NR);
       }
       koff += sgm.k;
     }
   };
   auto lines = [=](int64_t j, int64_t part, int64_t nparts, std::vector<LineRange>& out) {
-    lines_part(ccol[j + 1] - ccol[j], blk * esize, [=](int64_t b) { return wbytes + perm[ccol[j] + b] * blk * esize; },
-               part, nparts, out);
+    lines_part(ccol[j + 1] - ccol[j], blk * w.esize, [=](int64_t b) { return w.block(perm[ccol[j] + b], blk); }, part,
+               nparts, out);
   };
   slice_gemm<float, at::BFloat16>(ks, reinterpret_cast<const float*>(dy.data_ptr()), B, Mw,
                                   dx.data_ptr<at::BFloat16>(), N, cdiv(N, BC), BC, N, nullptr,
@@ -1239,7 +1243,7 @@ std::optional<at::Tensor> grad_weight_bf16_pairs(const at::Tensor& dy, const at:
           }
           const int64_t off = p * blk + t * MR * BC + q * NR;
           if (widen)
-            store_rows_bf16_widened(tile, NR, MR, nv, out32 + off, BC);
+            round_rows_f32(tile, NR, MR, nv, out32 + off, BC);
           else
             store_rows_bf16(tile, NR, MR, nv, out16 + off, BC, nullptr);
         }

@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 #include <utility>
+#include <type_traits>
 #include <vector>
 
 // AddressSanitizer does not see loads made by intrinsics, so sanitized builds (EFCN_ASAN, see
@@ -350,19 +351,28 @@ __attribute__((target("avx512f"))) void gemv_rows_avx512(const T* const* w, cons
   for (int r = 0; r < R; ++r) out[r] = Z::sum(acc[r]);
 }
 
-template <typename T>
-void gemv_avx512(const T* const* w, const T* const* x, const int64_t* len, int nseg, int64_t rows, int64_t ldw,
-                 T* out) {
-  std::vector<const T*> wr(w, w + nseg);
+// A gemv's rows four at a time, then one: rows_fn(std::integral_constant<int, R>, w rows, out + r)
+// with each weight segment advanced to row r.
+template <typename W, typename O, typename RowsFn>
+void gemv_by_four(const W* const* w, int nseg, int64_t rows, int64_t ldw, O* out, RowsFn rows_fn) {
+  std::vector<const W*> wr(w, w + nseg);
   int64_t r = 0;
   for (; r + 4 <= rows; r += 4) {
     for (int s = 0; s < nseg; ++s) wr[s] = w[s] + r * ldw;
-    gemv_rows_avx512<T, 4>(wr.data(), x, len, nseg, ldw, out + r);
+    rows_fn(std::integral_constant<int, 4>{}, wr.data(), out + r);
   }
   for (; r < rows; ++r) {
     for (int s = 0; s < nseg; ++s) wr[s] = w[s] + r * ldw;
-    gemv_rows_avx512<T, 1>(wr.data(), x, len, nseg, ldw, out + r);
+    rows_fn(std::integral_constant<int, 1>{}, wr.data(), out + r);
   }
+}
+
+template <typename T>
+void gemv_avx512(const T* const* w, const T* const* x, const int64_t* len, int nseg, int64_t rows, int64_t ldw,
+                 T* out) {
+  gemv_by_four(w, nseg, rows, ldw, out, [&](auto R, const T* const* wr, T* o) {
+    gemv_rows_avx512<T, decltype(R)::value>(wr, x, len, nseg, ldw, o);
+  });
 }
 
 // ------------------------------------------------------------------------------ SIMD panel helpers
@@ -771,6 +781,25 @@ __attribute__((target("avx512f"))) inline __m512i bf16_bits(__m512 v) {
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __mmask16 lanes16(int64_t c) {
   return c >= 16 ? 0xFFFF : c <= 0 ? 0 : static_cast<__mmask16>((1u << c) - 1);
 }
+
+// 16 entries (masked) as float32: bfloat16 bits widened, or float32 rounded to bfloat16 first
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_as_bf16(__mmask16 m, const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(m, _mm512_maskz_cvtepu16_epi32(m, _mm256_maskz_loadu_epi16(m, p)), 16));
+}
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_as_bf16(__mmask16 m, const float* p) {
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(m, bf16_bits(_mm512_maskz_loadu_ps(m, p)), 16));
+}
+
+template <typename S>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void as_bf16_rows(const S* src, int64_t ld, int64_t rows,
+                                                                       int64_t cols, float* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r, src += ld, dst += ldd) {
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __mmask16 k = lanes16(cols - c);
+      _mm512_mask_storeu_ps(dst + c, k, load_as_bf16(k, src + c));
+    }
+  }
+}
 }  // namespace
 
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void store_rows_bf16(
@@ -790,19 +819,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void store_rows_bf16(
   }
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void store_rows_bf16_widened(
-    const float* tile, int nr, int rows, int64_t nv, float* out, int64_t ld) {
-  for (int m = 0; m < rows; ++m) {
-    const float* t = tile + m * nr;
-    float* o = out + m * ld;
-    for (int64_t n = 0; n < nv; n += 16) {
-      const __mmask16 k = lanes16(nv - n);
-      const __m512i h = bf16_bits(_mm512_maskz_loadu_ps(k, t + n));
-      _mm512_mask_storeu_ps(o + n, k, _mm512_castsi512_ps(_mm512_maskz_slli_epi32(k, h, 16)));
-    }
-  }
-}
-
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void round_rows_bf16(const float* src, int64_t ld, int64_t rows,
                                                                           int64_t cols, uint16_t* dst, int64_t ldd) {
   for (int64_t r = 0; r < rows; ++r, src += ld, dst += ldd) {
@@ -813,37 +829,15 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void round_rows_bf16(const 
   }
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void widen_bf16_rows(const uint16_t* src, int64_t ld, int64_t rows,
-                                                                          int64_t cols, float* dst, int64_t ldd) {
-  for (int64_t r = 0; r < rows; ++r, src += ld, dst += ldd) {
-    for (int64_t c = 0; c < cols; c += 16) {
-      const __mmask16 k = lanes16(cols - c);
-      const __m512i w = _mm512_maskz_cvtepu16_epi32(k, _mm256_maskz_loadu_epi16(k, src + c));
-      _mm512_mask_storeu_ps(dst + c, k, _mm512_castsi512_ps(_mm512_maskz_slli_epi32(k, w, 16)));
-    }
-  }
+void widen_bf16_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+  as_bf16_rows(src, ld, rows, cols, dst, ldd);
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void round_rows_f32(const float* src, int64_t ld, int64_t rows,
-                                                                         int64_t cols, float* dst, int64_t ldd) {
-  for (int64_t r = 0; r < rows; ++r, src += ld, dst += ldd) {
-    for (int64_t c = 0; c < cols; c += 16) {
-      const __mmask16 k = lanes16(cols - c);
-      const __m512i b = bf16_bits(_mm512_maskz_loadu_ps(k, src + c));
-      _mm512_mask_storeu_ps(dst + c, k, _mm512_castsi512_ps(_mm512_maskz_slli_epi32(k, b, 16)));
-    }
-  }
+void round_rows_f32(const float* src, int64_t ld, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+  as_bf16_rows(src, ld, rows, cols, dst, ldd);
 }
 
 namespace {
-// 16 weights (masked) as float32: bfloat16 bits widened, or float32 rounded to bfloat16 first
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_as_bf16(__mmask16 m, const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(m, _mm512_maskz_cvtepu16_epi32(m, _mm256_maskz_loadu_epi16(m, p)), 16));
-}
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_as_bf16(__mmask16 m, const float* p) {
-  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(m, bf16_bits(_mm512_maskz_loadu_ps(m, p)), 16));
-}
-
 // gemv_rows_avx512<float, R> with the weights read as bfloat16 (W: their bits, or float32 rounded
 // as they are loaded): the same chains, so the same bits as on widened copies.
 template <typename W, int R>
@@ -869,16 +863,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void gemv_rows_bf16(const W
 template <typename W>
 void gemv_bf16_impl(const W* const* w, const float* const* x, const int64_t* len, int nseg, int64_t rows, int64_t ldw,
                     float* out) {
-  std::vector<const W*> wr(w, w + nseg);
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) {
-    for (int s = 0; s < nseg; ++s) wr[s] = w[s] + r * ldw;
-    gemv_rows_bf16<W, 4>(wr.data(), x, len, nseg, ldw, out + r);
-  }
-  for (; r < rows; ++r) {
-    for (int s = 0; s < nseg; ++s) wr[s] = w[s] + r * ldw;
-    gemv_rows_bf16<W, 1>(wr.data(), x, len, nseg, ldw, out + r);
-  }
+  gemv_by_four(w, nseg, rows, ldw, out, [&](auto R, const W* const* wr, float* o) {
+    gemv_rows_bf16<W, decltype(R)::value>(wr, x, len, nseg, ldw, o);
+  });
 }
 }  // namespace
 
@@ -924,7 +911,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void pack_bf16_p
 #else
 void store_rows_bf16(const float*, int, int, int64_t, uint16_t*, int64_t, const uint16_t*) {}
 void pack_bf16_pairs(const uint16_t*, int64_t, int64_t, int64_t, int, float*) {}
-void store_rows_bf16_widened(const float*, int, int, int64_t, float*, int64_t) {}
 void round_rows_bf16(const float*, int64_t, int64_t, int64_t, uint16_t*, int64_t) {}
 void pack_bf16_pairs_f32(const float*, int64_t, int64_t, int64_t, int, float*) {}
 void widen_bf16_rows(const uint16_t*, int64_t, int64_t, int64_t, float*, int64_t) {}

@@ -131,11 +131,6 @@ void pack_bf16_pairs(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols
 void store_rows_bf16(const float* tile, int nr, int rows, int64_t nv, uint16_t* out, int64_t ld,
                      const uint16_t* bias);
 
-// out[m * ld + n] = float(bfloat16(tile[m][n])) for m < rows, n < nv: store_rows_bf16's
-// roundings widened back to float32 (exactly the bfloat16 result converted): the bf16 pair
-// kernels' weight gradient for float32 master values (autocast) without a bfloat16 temporary.
-void store_rows_bf16_widened(const float* tile, int nr, int rows, int64_t nv, float* out, int64_t ld);
-
 // dst[r * ldd + c] = src[r * ld + c] rounded to bfloat16 as torch's conversion rounds it (to
 // nearest even, subnormals kept, NaN as 0xFFFF), for r < rows, c < cols: float32 weights
 // converted as they are packed for the bf16 pair kernels (autocast: values.to(bfloat16)
@@ -144,7 +139,8 @@ void round_rows_bf16(const float* src, int64_t ld, int64_t rows, int64_t cols, u
 
 // dst[r * ldd + c] = src[r * ld + c] as float32 for r < rows, c < cols: bfloat16 bits widened
 // (widen_bf16_rows), or float32 entries rounded to bfloat16 as round_rows_bf16 rounds them and
-// widened back (round_rows_f32; dst may be src). Only where the active ISA is AVX-512 (the
+// widened back (round_rows_f32; dst may be src; also the float32 weight gradient of the bf16
+// kernels, exactly their bfloat16 result widened). Only where the active ISA is AVX-512 (the
 // callers' portable loops give the same bits elsewhere).
 void widen_bf16_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, float* dst, int64_t ldd);
 void round_rows_f32(const float* src, int64_t ld, int64_t rows, int64_t cols, float* dst, int64_t ldd);
