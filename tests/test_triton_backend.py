@@ -215,3 +215,74 @@ def test_float64_kernels_compile_for_sm90_without_tensor_cores():
                 assert c["mma"] == 0, f"{what}: float64 must not use tensor-core dots: {c}"
             elif c["dtype"] == "bf16":
                 assert (c["mma"] > 0) == has_mma, f"{what}: bfloat16 tiles must run on the tensor cores: {c}"
+
+
+@pytest.mark.parametrize("block_shape", [(16, 16), (8, 24)])
+def test_float32_values_with_float16_activations_compute_as_their_float16_copy(block_shape):
+    """autocast's float32 master values go to the kernels uncast (takes_float32_values): rounded
+    to the activations' dtype as they are loaded, the same bits as the cast copy; dW in float32
+    is the float16 dW widened. (bfloat16 alike, checked on a GPU: the interpreter has none.)"""
+    torch.manual_seed(3)
+    lay, v32, x, dy, bias = random_case(block_shape, 5, torch.float32)
+    h = torch.float16
+    x, dy, bias, v16 = x.to(h), dy.to(h), bias.to(h), v32.to(h)
+    M, N = lay.shape
+    BR, BC = lay.block_shape
+    assert tb.takes_float32_values(h) and tb.takes_float32_values(torch.bfloat16)
+    assert not tb.takes_float32_values(torch.float32)
+    y = tb.forward(x, v32, bias, lay.crow_ptr, lay.col_idx, lay.row_idx, M)
+    assert y.dtype == h and torch.equal(y, tb.forward(x, v16, bias, lay.crow_ptr, lay.col_idx, lay.row_idx, M))
+    dx = tb.grad_input(dy, v32, lay.ccol_ptr, lay.t_row_idx, lay.t_perm, N)
+    assert dx.dtype == h and torch.equal(dx, tb.grad_input(dy, v16, lay.ccol_ptr, lay.t_row_idx, lay.t_perm, N))
+    gw = (dy, x, lay.row_idx, lay.col_idx, lay.mask_ids, lay.mask_patterns, BR, BC)
+    dw = tb.grad_weight_as(*gw, torch.float32)
+    assert dw.dtype == torch.float32 and torch.equal(dw, tb.grad_weight(*gw).float())
+    # through the public ops, as autocast's backward calls them
+    assert torch.equal(ops.bsr_grad_weight(*gw, "triton", torch.float32), dw)
+
+
+def test_autocast_kernels_compile_for_sm90_on_tensor_cores():
+    """bfloat16 activations with float32 master values (autocast, values rounded as they are
+    loaded, dW stored in float32) through the real compiler for an H100/H200: no spills, shared
+    memory within 163 KiB, and the products still on the tensor cores (mma/wgmma)."""
+    import json
+    import subprocess
+    import sys
+
+    missing = path_missing("triton-compiler")
+    if missing:
+        require_or_skip("triton-compiler", f"no Triton CUDA compiler here: {missing}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "efcn_sparse.kernels.triton_aot", "90", "autocast"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cases = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(cases) == 6
+    for c in cases:
+        what = f"{c['kind']} {c['dtype']}/{c['values_dtype']} {c['block_shape']}"
+        assert (c["dtype"], c["values_dtype"]) == ("bf16", "fp32"), what
+        assert c["ptxas_ok"] and c["spill_bytes"] == 0, f"{what}: {c}"
+        assert c["shared_bytes"] <= 163 * 1024, f"{what}: {c}"
+        assert c["mma"] > 0, f"{what}: the rounded values must still reach the tensor cores: {c}"
+
+
+def test_autocast_hands_the_triton_kernels_float32_master_values():
+    """Under float16 autocast (the interpreter has no bfloat16) ops.linear gives the triton
+    backend the float32 values uncast; forward and gradients have the bits of the explicit cast."""
+    torch.manual_seed(4)
+    lay, v32, x, dy, bias = random_case((16, 16), 6, torch.float32)
+    h = torch.float16
+    v = v32.clone().requires_grad_()
+    b = bias.clone().requires_grad_()
+    xx = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=h):
+        y = ops.linear(xx, lay, v, b, backend="triton")
+    assert y.dtype == h
+    assert any(getattr(fn, "variable", None) is v for fn, _ in y.grad_fn.next_functions if fn is not None)
+    y.backward(dy.to(h))
+    vs, bs, xs = (t.detach().to(h).requires_grad_() for t in (v32, bias, x))
+    ys = ops.linear(xs, lay, vs, bs, backend="triton")
+    ys.backward(dy.to(h))
+    assert torch.equal(y, ys)
+    assert v.grad.dtype == torch.float32 and torch.equal(v.grad, vs.grad.float())
+    assert torch.equal(b.grad, bs.grad.float()) and torch.equal(xx.grad, xs.grad.float())

@@ -7,6 +7,7 @@ must run in a process where ``TRITON_INTERPRET`` is unset:
 
     python -m efcn_sparse.kernels.triton_aot            # one JSON line per compiled case
     python -m efcn_sparse.kernels.triton_aot 90 fp64    # the float64 (FMA) cases for sm_90
+    python -m efcn_sparse.kernels.triton_aot 90 autocast  # bfloat16 activations, float32 values
 """
 
 from __future__ import annotations
@@ -32,10 +33,15 @@ DEFAULT_CASES = [(k, torch.bfloat16, (64, 64), 65536, 65536, 256) for k in _KERN
 # float64 takes the FMA path (no tl.dot): aligned and masked odd shapes
 FLOAT64_CASES = [(k, torch.float64, (64, 64), 4096, 4096, 256) for k in _KERNELS] + [
     (k, torch.float64, (24, 20), 1000, 700, 33) for k in _KERNELS]
+# autocast: bfloat16 activations with float32 master values (rounded as loaded; float32 dW)
+AUTOCAST_CASES = [(k, torch.bfloat16, (64, 64), 65536, 65536, 256, torch.float32) for k in _KERNELS] + [
+    (k, torch.bfloat16, (80, 48), 1000, 700, 33, torch.float32) for k in _KERNELS]
 
 
-def compile_case(kind, dtype, block_shape, M, N, batch, cc=90, config=None, ptxas=True) -> dict:
+def compile_case(kind, dtype, block_shape, M, N, batch, values_dtype=None, cc=90, config=None, ptxas=True) -> dict:
     """Compile one kernel specialisation as a launch of these sizes would; return its resources.
+
+    ``values_dtype``: the values' (and dW's) dtype when it is not the activations' ``dtype``.
 
     ``config``: dict(BLOCK_B, num_warps, num_stages), default the heuristic launch's. Integers
     divisible by 16 and all pointers are marked 16-divisible, as Triton's launcher does.
@@ -51,7 +57,9 @@ def compile_case(kind, dtype, block_shape, M, N, batch, cc=90, config=None, ptxa
     fn = getattr(tk, _KERNELS[kind])
     BR, BC = block_shape
     BRP, BCP = tb._side(BR), tb._side(BC)
-    meta = dict(config or tb._heuristic(kind, batch, BRP, BCP, dtype))
+    values_dtype = values_dtype or dtype
+    staged = values_dtype if values_dtype.itemsize > dtype.itemsize else dtype  # as triton_bsr._staged
+    meta = dict(config or tb._heuristic(kind, batch, BRP, BCP, staged))
     consts = dict(BR=BR, BC=BC, BRP=BRP, BCP=BCP, **tb._even(M, N, BR, BC), DOT_PREC=tb._dot_prec(dtype),
                   ACC_F64=dtype == torch.float64, BLOCK_B=meta["BLOCK_B"], HAS_BIAS=True, HAS_MASK=True,
                   ACCUMULATE=False)
@@ -61,7 +69,8 @@ def compile_case(kind, dtype, block_shape, M, N, batch, cc=90, config=None, ptxa
         if name in consts:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = "*i32" if name in _INDEX_PTRS else "*u8" if name == "mask_pat_ptr" else "*" + _TRITON_TYPES[dtype]
+            elem = values_dtype if name in ("w_ptr", "dw_ptr") else dtype
+            sig[name] = "*i32" if name in _INDEX_PTRS else "*u8" if name == "mask_pat_ptr" else "*" + _TRITON_TYPES[elem]
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = "i32"
@@ -71,7 +80,8 @@ def compile_case(kind, dtype, block_shape, M, N, batch, cc=90, config=None, ptxa
     k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                        options=dict(num_warps=meta["num_warps"], num_stages=meta["num_stages"]))
     ptx = k.asm["ptx"]
-    out = dict(kind=kind, dtype=_TRITON_TYPES[dtype], block_shape=list(block_shape), M=M, N=N, batch=batch, cc=cc,
+    out = dict(kind=kind, dtype=_TRITON_TYPES[dtype], values_dtype=_TRITON_TYPES[values_dtype],
+               block_shape=list(block_shape), M=M, N=N, batch=batch, cc=cc,
                **meta, shared_bytes=k.metadata.shared,
                # tiles pipelined through shared memory in 16-byte asynchronous copies
                cp_async_16B=len(re.findall(r"cp\.async\.\w+\.shared\.global.*, 0x10", ptx)),
@@ -105,11 +115,13 @@ def _ptxas_info(ptx: str, cc: int) -> dict:
 
 
 def main(argv=None) -> int:
-    """Arguments: compute capabilities (default 90 80); ``fp64`` compiles the float64 cases instead."""
+    """Arguments: compute capabilities (default 90 80); ``fp64`` compiles the float64 cases instead,
+    ``autocast`` the bfloat16-activation, float32-values ones."""
     args = argv or sys.argv[1:]
     ccs = [int(c) for c in args if c.isdigit()] or [90, 80]
+    cases = FLOAT64_CASES if "fp64" in args else AUTOCAST_CASES if "autocast" in args else DEFAULT_CASES
     for cc in ccs:
-        for case in FLOAT64_CASES if "fp64" in args else DEFAULT_CASES:
+        for case in cases:
             print(json.dumps(compile_case(*case, cc=cc)), flush=True)
     return 0
 

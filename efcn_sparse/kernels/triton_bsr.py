@@ -39,7 +39,8 @@ else:
     _IMPORT_ERROR = None
     from .triton_bsr_kernels import bsr_forward_kernel, bsr_grad_input_kernel, bsr_grad_weight_kernel
 
-__all__ = ["forward", "grad_input", "grad_weight", "grad_weight_acc", "unavailable_reason", "set_allow_tf32", "interpreted"]
+__all__ = ["forward", "grad_input", "grad_weight", "grad_weight_as", "grad_weight_acc", "takes_float32_values",
+           "unavailable_reason", "set_allow_tf32", "interpreted"]
 
 _allow_tf32 = os.environ.get("EFCN_TRITON_TF32", "0") == "1"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # also read by backends.resolve("auto")
@@ -100,6 +101,12 @@ def _check_dtype(t: Tensor) -> None:
     if t.dtype not in DTYPES:
         raise TypeError(f"triton backend: unsupported dtype {t.dtype}; expected one of "
                         f"{', '.join(str(d).replace('torch.', '') for d in DTYPES)}")
+
+
+def _staged(a: Tensor, values: Tensor) -> torch.dtype:
+    """The dtype whose size bounds a staged tile: float32 values with half-precision activations
+    (autocast) are loaded as float32 before they are rounded."""
+    return values.dtype if values.dtype.itemsize > a.dtype.itemsize else a.dtype
 
 
 def _heuristic(kind: str, B: int, BRP: int, BCP: int, dtype: torch.dtype) -> dict:
@@ -185,7 +192,8 @@ def _forward_impl(wrap, x: Tensor, values: Tensor, bias: Optional[Tensor], crow_
     if _skip_launch(y):
         return y
     BRP, BCP = _side(BR), _side(BC)
-    kernel, grid, meta = _launcher(wrap, _tuned_forward, bsr_forward_kernel, "forward", B, BRP, BCP, x.dtype, nbr)
+    kernel, grid, meta = _launcher(wrap, _tuned_forward, bsr_forward_kernel, "forward", B, BRP, BCP,
+                                   _staged(x, values), nbr)
     kernel[grid](
         x, values, bias if bias is not None else y, y, crow_ptr, col_idx,
         B, M, N, min(_pow2(B), 4096), _bpr_key(nnzb, nbr),
@@ -206,7 +214,7 @@ def _grad_input_impl(wrap, dy: Tensor, values: Tensor, ccol_ptr: Tensor, t_row_i
         return dx
     BRP, BCP = _side(BR), _side(BC)
     kernel, grid, meta = _launcher(wrap, _tuned_grad_input, bsr_grad_input_kernel, "grad_input", B, BRP, BCP,
-                                   dy.dtype, nbc)
+                                   _staged(dy, values), nbc)
     kernel[grid](
         dy, values, dx, ccol_ptr, t_row_idx, t_perm,
         B, M, N, min(_pow2(B), 4096), _bpr_key(nnzb, nbc),
@@ -216,13 +224,15 @@ def _grad_input_impl(wrap, dy: Tensor, values: Tensor, ccol_ptr: Tensor, t_row_i
 
 
 def _grad_weight_impl(wrap, dy: Tensor, x: Tensor, row_idx: Tensor, col_idx: Tensor, mask_ids: Optional[Tensor],
-                      mask_patterns: Optional[Tensor], BR: int, BC: int, out: Optional[Tensor] = None) -> Tensor:
-    """dW, or with ``out``: out += dW in place."""
+                      mask_patterns: Optional[Tensor], BR: int, BC: int, out: Optional[Tensor] = None,
+                      dw_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """dW (in dw_dtype: dy's, or float32 for half-precision dy, the result widened), or with
+    ``out``: out += dW in place."""
     _check_dtype(dy)
     B, M = dy.shape
     N = x.shape[1]
     nnzb = row_idx.shape[0]
-    dw = dy.new_empty(nnzb, BR, BC) if out is None else out
+    dw = dy.new_empty(nnzb, BR, BC, dtype=dw_dtype or dy.dtype) if out is None else out
     if _skip_launch(dw):
         return dw
     has_mask = mask_ids is not None and mask_patterns is not None
@@ -250,8 +260,11 @@ def _register():
         def grad_weight_acc_plain(out, *a):
             _grad_weight_impl(ident, *a, out.shape[1], out.shape[2], out)
 
-        return (lambda *a: _forward_impl(ident, *a), lambda *a: _grad_input_impl(ident, *a),
-                lambda *a: _grad_weight_impl(ident, *a), grad_weight_acc_plain)
+        def grad_weight_plain(*a, dw_dtype=None):
+            return _grad_weight_impl(ident, *a, None, dw_dtype)
+
+        return (lambda *a: _forward_impl(ident, *a), lambda *a: _grad_input_impl(ident, *a), grad_weight_plain,
+                grad_weight_acc_plain)
 
     def wrap(kernel):
         return kernel if interpreted() else lib.wrap_triton(kernel)
@@ -268,8 +281,9 @@ def _register():
 
     @lib.triton_op("efcn_sparse_triton::grad_weight", mutates_args=())
     def grad_weight_op(dy: Tensor, x: Tensor, row_idx: Tensor, col_idx: Tensor, mask_ids: Optional[Tensor],
-                       mask_patterns: Optional[Tensor], BR: int, BC: int) -> Tensor:
-        return _grad_weight_impl(wrap, dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC)
+                       mask_patterns: Optional[Tensor], BR: int, BC: int,
+                       dw_dtype: Optional[torch.dtype] = None) -> Tensor:
+        return _grad_weight_impl(wrap, dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC, None, dw_dtype)
 
     @lib.triton_op("efcn_sparse_triton::grad_weight_acc", mutates_args=("out",))
     def grad_weight_acc_op(out: Tensor, dy: Tensor, x: Tensor, row_idx: Tensor, col_idx: Tensor,
@@ -302,6 +316,19 @@ def grad_input(dy, values, ccol_ptr, t_row_idx, t_perm, N: int):
 def grad_weight(dy, x, row_idx, col_idx, mask_ids: Optional[Tensor], mask_patterns: Optional[Tensor], BR: int, BC: int):
     """dW [nnzb, BR, BC] = dY^T X on the stored blocks, times the element mask."""
     return _ops()[2](dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC)
+
+
+def grad_weight_as(dy, x, row_idx, col_idx, mask_ids: Optional[Tensor], mask_patterns: Optional[Tensor], BR: int,
+                   BC: int, dw_dtype: torch.dtype):
+    """grad_weight in dw_dtype: float32 for a half-precision dy is its result widened, stored so
+    by the kernel (no half-precision temporary)."""
+    return _ops()[2](dy, x, row_idx, col_idx, mask_ids, mask_patterns, BR, BC, dw_dtype=dw_dtype)
+
+
+def takes_float32_values(dtype: torch.dtype) -> bool:
+    """The kernels round float32 values to a half-precision ``dtype`` as they load them
+    (autocast's master weights need no cast copy)."""
+    return dtype in (torch.float16, torch.bfloat16)
 
 
 def grad_weight_acc(out, dy, x, row_idx, col_idx, mask_ids: Optional[Tensor], mask_patterns: Optional[Tensor]) -> None:

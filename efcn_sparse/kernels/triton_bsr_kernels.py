@@ -10,6 +10,9 @@ One source for GPU and interpreter. Conventions shared by the three kernels:
   and the cp.async/TMA pipelining that depends on them.
 * Batch-times-features and block-times-block-size offsets are computed in int64.
 * Loop variables over loaded bounds are cast with ``tl.cast`` (plain ints under the interpreter).
+* The values may be float32 with half-precision activations (autocast's master weights): they
+  are rounded to the activations' dtype as they are loaded, and a float32 dW is the
+  half-precision result widened.
 * Accumulation is float32; ``DOT_PREC`` is the ``input_precision`` of ``tl.dot`` ("ieee" for
   exact float32, "tf32" only when asked for). float64 (``ACC_F64``) never reaches ``tl.dot``,
   whose float64 lowering differs between Triton releases and GPUs: it takes ``_fma_outer``,
@@ -73,7 +76,8 @@ def bsr_forward_kernel(
                 wt = tl.load(w_ptr + k64 * (BR * BC) + wt_offs)
             else:
                 wt = tl.load(w_ptr + k64 * (BR * BC) + wt_offs, mask=wt_ok, other=0.0)
-            acc = tl.dot(x, wt, acc, input_precision=DOT_PREC)
+            # float32 master values with a half-precision x (autocast): rounded here, not copied
+            acc = tl.dot(x, wt.to(x_ptr.dtype.element_ty), acc, input_precision=DOT_PREC)
     rows = i * BR + rr
     y_ptrs = y_ptr + offs_b.to(tl.int64)[:, None] * M + rows[None, :]
     if EVEN_M:
@@ -129,7 +133,7 @@ def bsr_grad_input_kernel(
                 w = tl.load(w_ptr + p * (BR * BC) + w_offs)
             else:
                 w = tl.load(w_ptr + p * (BR * BC) + w_offs, mask=w_ok, other=0.0)
-            acc = tl.dot(dy, w, acc, input_precision=DOT_PREC)
+            acc = tl.dot(dy, w.to(dy_ptr.dtype.element_ty), acc, input_precision=DOT_PREC)
     cols = j * BC + cc
     dx_ptrs = dx_ptr + offs_b.to(tl.int64)[:, None] * N + cols[None, :]
     if EVEN_N:
@@ -184,7 +188,8 @@ def bsr_grad_weight_kernel(
         else:
             keep = tl.load(mask_pat_ptr + pat * (BR * BC) + w_offs, mask=w_ok, other=0)
         acc = tl.where(keep != 0, acc, 0.0)  # exact zeros, even where the sums are NaN
-    out = acc.to(dw_ptr.dtype.element_ty)
+    # rounded to dy's dtype, then stored in dw's (float32 for autocast's master values: widened)
+    out = acc.to(dy_ptr.dtype.element_ty).to(dw_ptr.dtype.element_ty)
     if full:
         if ACCUMULATE:
             out = (tl.load(dw_ptr + k64 * (BR * BC) + w_offs).to(acc.dtype) + out.to(acc.dtype)).to(out.dtype)
