@@ -6,8 +6,9 @@
 //
 // Contract (the same for every backend, see efcn_sparse/kernels/reference.py):
 //   x [B, N], dy [B, M]: contiguous, dtype of values (the CPU kernels also take float32 values
-//   with a bfloat16/float16 x or dy: computed as against values.to(that dtype)); values [nnzb, BR, BC] contiguous, zero at
-//   masked entries; index tensors int32, 1-D, same device; edge blocks may stick out of (M, N).
+//   with a bfloat16/float16 x or dy: computed as against values.to(that dtype));
+//   values [nnzb, BR, BC] contiguous, zero at masked entries; index tensors int32, 1-D, same
+//   device; edge blocks may stick out of (M, N).
 #include <Python.h>
 #include <torch/library.h>
 

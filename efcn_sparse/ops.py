@@ -11,8 +11,8 @@ W is the (M, N) matrix of a :class:`~efcn_sparse.layout.BSRLayout` with ``values
 [nnzb, BR, BC]. ``values`` has the dtype of X (dY), or is float32 with a bfloat16/float16 X (dY):
 then the op computes as with ``values.to(X.dtype)`` (autocast's float32 master weights; backends
 that round them as they pack them skip the copy), and dW can come back in float32, the
-half-precision result widened (``dw_dtype``). Values at masked entries must be zero (``SparseEFCN`` keeps them so: their
-gradient is exactly zero). ``backend`` names a kernel implementation (``efcn_sparse.backends``);
+half-precision result widened (``dw_dtype``). Values at masked entries must be zero
+(``SparseEFCN`` keeps them so: their gradient is exactly zero). ``backend`` names a kernel implementation (``efcn_sparse.backends``);
 it is resolved inside the op, so ``torch.compile`` sees one opaque op whatever runs.
 """
 
