@@ -752,8 +752,8 @@ const Kernels<float>* bf16_pair_kernels() {
            __builtin_cpu_supports("avx512vl");
   }();
   static const Kernels<float> pairs = make_bf16_pairs();
-  // the default: where VDPBF16PS outruns float32 FMAs (AMD: 256-bit FMA pipes); on Intel's
-  // AVX512_BF16 cores it reached ~60% of the FMA rate (BENCHMARKS.md), so floats win there
+  // the default: where VDPBF16PS should outrun float32 FMAs (AMD: 256-bit FMA pipes; not
+  // measured); on this project's Intel Xeon it ran at ~60% of the FMA rate, so floats win there
   static const bool by_default = [] {
     __builtin_cpu_init();
     return __builtin_cpu_is("amd") != 0;

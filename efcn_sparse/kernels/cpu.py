@@ -68,7 +68,7 @@ def bf16_dot() -> bool:
     float32 kernels (operands widened as they are packed, the float32 sums rounded once): the CPU
     has them, the active ISA is AVX-512, and ``EFCN_CPU_BF16_DOT`` is ``1``, or unset on an AMD CPU
     (elsewhere VDPBF16PS runs below the float32 FMA rate: on this project's Intel Xeon the dot
-    products took 1.5x the float32 kernels' time). Shapes it does not cover go through float32:
+    products took 1.5-1.7x the time of the float32 kernels on widened operands). Shapes it does not cover go through float32:
     the forward needs N and the block width even; grad_input M and the block height even and
     blocks wider than 16; grad_weight blocks wider than 8 and a block height that is a multiple of 8."""
     if not _extension.load():
