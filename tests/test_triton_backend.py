@@ -159,22 +159,28 @@ def test_heuristic_configs_are_valid():
                 assert b >= 16 and b & (b - 1) == 0 and b <= max(16, tb._pow2(B))
 
 
-def test_kernels_compile_for_sm90():
-    """The real compiler (not the interpreter) on the main shapes, for an H100, without a GPU:
-    no register spills, shared memory within an A100's 163 KiB, aligned tiles loaded in 16-byte
-    cp.async copies (software-pipelined)."""
+def _aot_cases(*args):
+    """The JSON lines of ``python -m efcn_sparse.kernels.triton_aot ARGS`` (the real compiler, in a
+    process without TRITON_INTERPRET); skips (or fails where required) without the compiler."""
     import json
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     missing = path_missing("triton-compiler")
     if missing:
         require_or_skip("triton-compiler", f"no Triton CUDA compiler here: {missing}")
-    r = subprocess.run([sys.executable, "-m", "efcn_sparse.kernels.triton_aot", "90"], env=env,
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "efcn_sparse.kernels.triton_aot", *args], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]  # a ptxas error in our kernels fails here, never skips
-    cases = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+
+
+def test_kernels_compile_for_sm90():
+    """The real compiler (not the interpreter) on the main shapes, for an H100, without a GPU:
+    no register spills, shared memory within an A100's 163 KiB, aligned tiles loaded in 16-byte
+    cp.async copies (software-pipelined)."""
+    cases = _aot_cases("90")
     assert len(cases) == 6
     for c in cases:
         what = f"{c['kind']} {c['dtype']} {c['block_shape']}"
@@ -194,19 +200,8 @@ def test_float64_takes_the_fma_path_exactly(block_shape, batch):
 def test_float64_kernels_compile_for_sm90_without_tensor_cores():
     """The float64 path through the real compiler: it compiles for an H100/H200, spills nothing,
     and holds no mma/wgmma instruction; the bfloat16 reference shapes do use the tensor cores."""
-    import json
-    import subprocess
-    import sys
-
-    missing = path_missing("triton-compiler")
-    if missing:
-        require_or_skip("triton-compiler", f"no Triton CUDA compiler here: {missing}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     for args, has_mma in ((["90", "fp64"], False), (["90"], True)):
-        r = subprocess.run([sys.executable, "-m", "efcn_sparse.kernels.triton_aot", *args], env=env,
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
-        cases = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+        cases = _aot_cases(*args)
         assert len(cases) == 6
         for c in cases:
             what = f"{c['kind']} {c['dtype']} {c['block_shape']}"
@@ -245,18 +240,7 @@ def test_autocast_kernels_compile_for_sm90_on_tensor_cores():
     """bfloat16 activations with float32 master values (autocast, values rounded as they are
     loaded, dW stored in float32) through the real compiler for an H100/H200: no spills, shared
     memory within 163 KiB, and the products still on the tensor cores (mma/wgmma)."""
-    import json
-    import subprocess
-    import sys
-
-    missing = path_missing("triton-compiler")
-    if missing:
-        require_or_skip("triton-compiler", f"no Triton CUDA compiler here: {missing}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "efcn_sparse.kernels.triton_aot", "90", "autocast"], env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    cases = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    cases = _aot_cases("90", "autocast")
     assert len(cases) == 6
     for c in cases:
         what = f"{c['kind']} {c['dtype']}/{c['values_dtype']} {c['block_shape']}"
