@@ -385,7 +385,12 @@ void slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, OutT* ou
       }
       // the next slice this thread computes, if known and another one: prefetched while this one runs
       const int64_t g_next = u + 1 < u1 && (u + 1) / nch != g ? (u + 1) / nch : -1;
-      const int64_t nparts = (bt1 - bt0) * nq;
+      // its lines are spread over every call of this slice (all K groups: for_each_group makes
+      // cdiv(K, kKMax) of them), so that their memory latency has the whole slice to hide in
+      int64_t total = 0;
+      for (int64_t p = p0; p < p1; ++p) total += std::get<2>(range)(p);
+      const int64_t nparts = cdiv(total, kKMax) * (bt1 - bt0) * nq;
+      int64_t gidx = 0;  // this group's index in the slice
       auto group = [&](const std::vector<Seg<T>>& sg, int64_t K, bool first, bool last) {
         pack_b(sg, K, nv, bpack.data());
         // segments contiguous in the packed operand merge (same K order: narrow blocks of
@@ -405,7 +410,7 @@ void slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, OutT* ou
           for (int64_t bt = bt0; bt < bt1; ++bt) {
             const int mr = static_cast<int>(std::min<int64_t>(MR, B - bt * MR));
             pf.clear();
-            if (first && g_next >= 0) lines(g_next, (bt - bt0) * nq + q, nparts, pf);
+            if (g_next >= 0) lines(g_next, (gidx * (bt1 - bt0) + bt - bt0) * nq + q, nparts, pf);
             T* c = cpanel + ((bt - bt0) * nq + q) * MR * NR;
             // the next call's batch tile: the next one, or back to the first for the next panel
             const T* next_a = bt + 1 < bt1 ? ap + (bt + 1) * F * MR : q + 1 < nq ? ap + bt0 * F * MR : nullptr;
@@ -430,6 +435,7 @@ void slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, OutT* ou
             store_tile(c, mr, NR, nvq, oq, ldc, bq);
           }
         }
+        ++gidx;
       };
       for_each_group<T>(p0, p1, std::get<2>(range), std::get<3>(range), st.segs, group);
     }
@@ -874,6 +880,16 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
           if (pf_row >= 0)
             lines_part(B, std::min(BR, M - pf_row * BR) * int64_t{sizeof(T)},
                        [=](int64_t b) { return dy + b * M + pf_row * BR; }, pf_part++, pf_parts, st.pf);
+          if (dyp && p + 1 < p1) {  // the next block's panels, over this block's products
+            const T* xn = xp + col[p + 1] * nq * B * NR;
+            lines_part(1, nq * B * NR * int64_t{sizeof(T)}, [=](int64_t) { return xn; }, t * nq + q, ntr * nq,
+                       st.pf);
+            if (row[p + 1] != i) {
+              const T* an = dyp + row[p + 1] * ntr * B * MR;
+              lines_part(1, ntr * B * MR * int64_t{sizeof(T)}, [=](int64_t) { return an; }, t * nq + q, ntr * nq,
+                         st.pf);
+            }
+          }
           ks.tile[mr](ap + t * B * MR, &zero, &B, 1, xp + (j * nq + q) * B * NR, tile, false,
                       Prefetch<T>{nullptr, st.pf.data(), static_cast<int>(st.pf.size())});
           const int64_t nv = std::min<int64_t>(NR, BC - q * NR);
