@@ -444,6 +444,63 @@ __attribute__((target("avx2"))) int64_t transpose_rows(const double* src, int64_
   return k;
 }
 
+// unpacklo_pd / unpackhi_pd (kHigh) of float vectors: pairs of entries as one 64-bit element
+template <bool kHigh>
+__attribute__((target("avx512f"))) inline __m512 unpack_pairs(__m512 a, __m512 b) {
+  const __m512d x = _mm512_castps_pd(a), y = _mm512_castps_pd(b);
+  return _mm512_castpd_ps(kHigh ? _mm512_maskz_unpackhi_pd(0xFF, x, y) : _mm512_maskz_unpacklo_pd(0xFF, x, y));
+}
+
+// 16 rows x 16 columns of src (leading dim ld) transposed into dst (leading dim ldd): four
+// shuffle stages on zmm registers (0.25 shuffles per entry, against 0.375 for the 8 x 8 ones;
+// masked forms with every lane set: GCC 12 warns about the unmasked ones' undefined source).
+__attribute__((target("avx512f"))) inline void transpose16x16(const float* s, int64_t ld, float* d, int64_t ldd) {
+  __m512 r[16], t[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(s + i * ld);
+#pragma GCC unroll 8
+  for (int i = 0; i < 16; i += 2) {  // pairs of rows interleaved by entry
+    t[i] = _mm512_maskz_unpacklo_ps(0xFFFF, r[i], r[i + 1]);
+    t[i + 1] = _mm512_maskz_unpackhi_ps(0xFFFF, r[i], r[i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 16; i += 4) {  // then by pairs of entries: 4 rows' entries side by side
+    r[i] = unpack_pairs<false>(t[i], t[i + 2]);
+    r[i + 1] = unpack_pairs<true>(t[i], t[i + 2]);
+    r[i + 2] = unpack_pairs<false>(t[i + 1], t[i + 3]);
+    r[i + 3] = unpack_pairs<true>(t[i + 1], t[i + 3]);
+  }
+  // r[4g + j], 128-bit lane l: rows 4g..4g+3 of column 4l + j; then whole lanes regrouped
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    t[j] = _mm512_maskz_shuffle_f32x4(0xFFFF, r[j], r[4 + j], 0x88);       // lanes 0, 2 of each
+    t[4 + j] = _mm512_maskz_shuffle_f32x4(0xFFFF, r[j], r[4 + j], 0xDD);   // lanes 1, 3
+    t[8 + j] = _mm512_maskz_shuffle_f32x4(0xFFFF, r[8 + j], r[12 + j], 0x88);
+    t[12 + j] = _mm512_maskz_shuffle_f32x4(0xFFFF, r[8 + j], r[12 + j], 0xDD);
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    r[j] = _mm512_maskz_shuffle_f32x4(0xFFFF, t[j], t[8 + j], 0x88);
+    r[4 + j] = _mm512_maskz_shuffle_f32x4(0xFFFF, t[4 + j], t[12 + j], 0x88);
+    r[8 + j] = _mm512_maskz_shuffle_f32x4(0xFFFF, t[j], t[8 + j], 0xDD);
+    r[12 + j] = _mm512_maskz_shuffle_f32x4(0xFFFF, t[4 + j], t[12 + j], 0xDD);
+  }
+#pragma GCC unroll 16
+  for (int c = 0; c < 16; ++c) _mm512_storeu_ps(d + c * ldd, r[c]);  // column c of src
+}
+
+template <typename T, int NR>
+void pack_transposed_avx512(const T* src, int64_t ld, int64_t rows, int64_t K, T* dst) {
+  int64_t k0 = 0;
+  if constexpr (std::is_same_v<T, float> && NR % 16 == 0) {
+    if (rows == NR)
+      for (; k0 + 16 <= K; k0 += 16)
+        for (int h = 0; h < NR / 16; ++h) transpose16x16(src + h * 16 * ld + k0, ld, dst + k0 * NR + h * 16, NR);
+  }
+  if (rows == NR && k0 < K) k0 += transpose_rows<NR, false>(src + k0, ld, K - k0, dst + k0 * NR);
+  pack_transposed_generic<T, NR>(src, ld, rows, K, dst, k0);
+}
+
 template <typename T, int NR>
 void pack_transposed_simd(const T* src, int64_t ld, int64_t rows, int64_t K, T* dst) {
   const int64_t k0 = rows == NR ? transpose_rows<NR, false>(src, ld, K, dst) : 0;
@@ -662,7 +719,8 @@ struct Avx512Bf16 {
 
 template <typename T, typename Src, int MR, int NR>
 Kernels<T> make_simd(Isa isa) {
-  Kernels<T> k{isa, MR, NR, {}, &pack_transposed_simd<T, NR>, &store_rows_simd<T, NR>, &pack_rows_simd<T, MR>,
+  Kernels<T> k{isa, MR, NR, {}, isa == Isa::kAvx512 ? &pack_transposed_avx512<T, NR> : &pack_transposed_simd<T, NR>,
+               &store_rows_simd<T, NR>, &pack_rows_simd<T, MR>,
                isa == Isa::kAvx512 ? &pack_copy_avx512<T> : static_cast<PackCopy<T>>(&pack_copy_avx2<NR>),
                isa == Isa::kAvx512 ? &pack_chunks_avx512<T> : nullptr,
                isa == Isa::kAvx512 ? &gemv_avx512<T> : nullptr};
