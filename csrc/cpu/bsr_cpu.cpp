@@ -845,6 +845,17 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
   const at::Tensor dyp_t = pack_dy_panels(ks, dy, B, M, BR, db);
   const T* dyp = dyp_t.defined() ? dyp_t.data_ptr<T>() : nullptr;
   if (db && !dyp) bias_grad(dy, B, M, db);
+  // the lines of a block column's x panels and a block row's dy panels, cut into one part per
+  // product of a block (its prefetches: the next block's panels, over this block's products)
+  std::vector<int64_t> xcut(ntr * nq + 1), acut(ntr * nq + 1);
+  for (int64_t k = 0; k <= ntr * nq; ++k) {
+    xcut[k] = cdiv(nq * B * NR * int64_t{sizeof(T)}, 64) * k / (ntr * nq);
+    acut[k] = cdiv(ntr * B * MR * int64_t{sizeof(T)}, 64) * k / (ntr * nq);
+  }
+  // products streamed from the registers straight into dW: no mask to apply, float32 out, whole
+  // aligned lines
+  const bool direct = ks.tile_stream[1] && !patterns && dw && !bf.round && BC % NR == 0 &&
+                      (BC * int64_t{sizeof(T)}) % 64 == 0 && reinterpret_cast<uintptr_t>(dw) % 64 == 0;
   struct Scratch {
     std::vector<T> apack;
     int64_t row;  // block row held in apack, -1: none
@@ -881,17 +892,20 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
             lines_part(B, std::min(BR, M - pf_row * BR) * int64_t{sizeof(T)},
                        [=](int64_t b) { return dy + b * M + pf_row * BR; }, pf_part++, pf_parts, st.pf);
           if (dyp && p + 1 < p1) {  // the next block's panels, over this block's products
-            const T* xn = xp + col[p + 1] * nq * B * NR;
-            lines_part(1, nq * B * NR * int64_t{sizeof(T)}, [=](int64_t) { return xn; }, t * nq + q, ntr * nq,
-                       st.pf);
+            const int64_t part = t * nq + q;
+            const char* xn = reinterpret_cast<const char*>(xp + col[p + 1] * nq * B * NR);
+            st.pf.push_back({xn + xcut[part] * 64, xcut[part + 1] - xcut[part]});
             if (row[p + 1] != i) {
-              const T* an = dyp + row[p + 1] * ntr * B * MR;
-              lines_part(1, ntr * B * MR * int64_t{sizeof(T)}, [=](int64_t) { return an; }, t * nq + q, ntr * nq,
-                         st.pf);
+              const char* an = reinterpret_cast<const char*>(dyp + row[p + 1] * ntr * B * MR);
+              st.pf.push_back({an + acut[part] * 64, acut[part + 1] - acut[part]});
             }
           }
-          ks.tile[mr](ap + t * B * MR, &zero, &B, 1, xp + (j * nq + q) * B * NR, tile, false,
-                      Prefetch<T>{nullptr, st.pf.data(), static_cast<int>(st.pf.size())});
+          const Prefetch<T> pf{nullptr, st.pf.data(), static_cast<int>(st.pf.size())};
+          if (direct) {
+            ks.tile_stream[mr](ap + t * B * MR, B, xp + (j * nq + q) * B * NR, out + t * MR * BC + q * NR, BC, pf);
+            continue;
+          }
+          ks.tile[mr](ap + t * B * MR, &zero, &B, 1, xp + (j * nq + q) * B * NR, tile, false, pf);
           const int64_t nv = std::min<int64_t>(NR, BC - q * NR);
           if (mask) {
             for (int m = 0; m < mr; ++m) {

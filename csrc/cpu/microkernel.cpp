@@ -251,18 +251,21 @@ struct Zmm<double> {
 };
 
 // ------------------------------------------------------------------------------ AVX-512F tiles
-// MR rows x two zmm registers; the A entries broadcast from memory.
-template <typename T, int MR>
-__attribute__((target("avx512f"))) void micro_avx512(const T* A0, const int64_t* a_off, const int64_t* a_k, int nseg,
-                                                     const T* B, T* C, bool load_c, const Prefetch<T>& pf) {
+// MR rows x two zmm registers; the A entries broadcast from memory. C rows ldc apart (kStream:
+// written with non-temporal stores, aligned).
+template <typename T, int MR, bool kStream>
+__attribute__((target("avx512f"), always_inline)) inline void micro_avx512_body(const T* A0, const int64_t* a_off,
+                                                                                const int64_t* a_k, int nseg,
+                                                                                const T* B, T* C, int64_t ldc,
+                                                                                bool load_c, const Prefetch<T>& pf) {
   Fetcher<T, kMR512> fetch(pf);
   using Z = Zmm<T>;
   constexpr int L = Z::kLanes;
   typename Z::V c0[MR], c1[MR];
 #pragma GCC unroll 12
   for (int m = 0; m < MR; ++m) {
-    c0[m] = load_c ? Z::load(C + m * 2 * L) : Z::zero();
-    c1[m] = load_c ? Z::load(C + m * 2 * L + L) : Z::zero();
+    c0[m] = load_c ? Z::load(C + m * ldc) : Z::zero();
+    c1[m] = load_c ? Z::load(C + m * ldc + L) : Z::zero();
   }
   for (int s = 0; s < nseg; ++s) {
     const T* A = A0 + a_off[s];
@@ -281,9 +284,27 @@ __attribute__((target("avx512f"))) void micro_avx512(const T* A0, const int64_t*
   fetch.finish();
 #pragma GCC unroll 12
   for (int m = 0; m < MR; ++m) {
-    Z::store(C + m * 2 * L, c0[m]);
-    Z::store(C + m * 2 * L + L, c1[m]);
+    if constexpr (kStream) {
+      Z::stream(C + m * ldc, c0[m]);
+      Z::stream(C + m * ldc + L, c1[m]);
+    } else {
+      Z::store(C + m * ldc, c0[m]);
+      Z::store(C + m * ldc + L, c1[m]);
+    }
   }
+}
+
+template <typename T, int MR>
+__attribute__((target("avx512f"))) void micro_avx512(const T* A0, const int64_t* a_off, const int64_t* a_k, int nseg,
+                                                     const T* B, T* C, bool load_c, const Prefetch<T>& pf) {
+  micro_avx512_body<T, MR, false>(A0, a_off, a_k, nseg, B, C, 2 * Zmm<T>::kLanes, load_c, pf);
+}
+
+template <typename T, int MR>
+__attribute__((target("avx512f"))) void micro_avx512_stream(const T* A, int64_t K, const T* B, T* out, int64_t ldc,
+                                                            const Prefetch<T>& pf) {
+  const int64_t zero = 0;
+  micro_avx512_body<T, MR, true>(A, &zero, &K, 1, B, out, ldc, false, pf);
 }
 
 // ------------------------------------------------------------------------------ AVX512_BF16 tiles
@@ -680,7 +701,7 @@ template <typename T>
 Kernels<T> make_generic() {
   constexpr int NR = kNR256<T>;
   Kernels<T> k{Isa::kGeneric, kMR256, NR, {}, &pack_transposed_portable<T, NR>, &store_rows_portable<T, NR>,
-               &pack_rows_portable<T, kMR256>, &pack_copy_portable<T, NR>, nullptr, nullptr};
+               &pack_rows_portable<T, kMR256>, &pack_copy_portable<T, NR>, nullptr, nullptr, {}};
   fill<T, GenericOf<T, kMR256, NR>>(k.tile, std::make_integer_sequence<int, kMR256>{});
   return k;
 }
@@ -717,13 +738,18 @@ struct Avx512Bf16 {
   }
 };
 
+template <typename T, int... Ms>
+void fill_stream(Kernels<T>& k, std::integer_sequence<int, Ms...>) {
+  ((k.tile_stream[Ms + 1] = &micro_avx512_stream<T, Ms + 1>), ...);
+}
+
 template <typename T, typename Src, int MR, int NR>
 Kernels<T> make_simd(Isa isa) {
   Kernels<T> k{isa, MR, NR, {}, isa == Isa::kAvx512 ? &pack_transposed_avx512<T, NR> : &pack_transposed_simd<T, NR>,
                &store_rows_simd<T, NR>, &pack_rows_simd<T, MR>,
                isa == Isa::kAvx512 ? &pack_copy_avx512<T> : static_cast<PackCopy<T>>(&pack_copy_avx2<NR>),
                isa == Isa::kAvx512 ? &pack_chunks_avx512<T> : nullptr,
-               isa == Isa::kAvx512 ? &gemv_avx512<T> : nullptr};
+               isa == Isa::kAvx512 ? &gemv_avx512<T> : nullptr, {}};
   fill<T, Src>(k.tile, std::make_integer_sequence<int, MR>{});
   return k;
 }
@@ -736,7 +762,9 @@ template <>
 Kernels<double> make_avx2<double>() { return make_simd<double, Avx2F64, kMR256, kNR256<double>>(Isa::kAvx2); }
 template <typename T>
 Kernels<T> make_avx512() {
-  return make_simd<T, Avx512<T>, kMR512, kNR512<T>>(Isa::kAvx512);
+  Kernels<T> k = make_simd<T, Avx512<T>, kMR512, kNR512<T>>(Isa::kAvx512);
+  fill_stream<T>(k, std::make_integer_sequence<int, kMR512>{});
+  return k;
 }
 
 Kernels<float> make_bf16_pairs() {

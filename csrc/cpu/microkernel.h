@@ -102,6 +102,11 @@ struct Kernels {
   // fixed reduction. Null where the ISA has none (the caller then uses the tile kernels).
   void (*gemv)(const T* const* w, const T* const* x, const int64_t* len, int nseg, int64_t rows, int64_t ldw,
                T* out);
+  // tile_stream[m]: tile[m] over one segment (A: [K][mr], B: [K][nr]) from zero, its m x nr result
+  // stored with non-temporal stores straight to out (rows ldc apart; out and ldc aligned to whole
+  // cache lines; store_fence() before use), skipping the tile buffer: grad_weight's blocks.
+  // Null where the ISA has none.
+  void (*tile_stream[kMaxMR + 1])(const T* A, int64_t K, const T* B, T* out, int64_t ldc, const Prefetch<T>& pf);
 };
 
 // The kernels of the active ISA. Read once per op call: an ISA change between calls is safe.
