@@ -34,6 +34,8 @@ SHAPES = [
     (70, 300, 3, 64, dict(mask=True)),
     (1100, 37, 1, 2, dict(full_col=True, mask=True)),
     (200, 150, 12, 8, dict(mask=True)),  # narrow on 32-wide tiles only (grad_input also on 16-wide ones)
+    # the forward's weight panels: 16 x 16 transposes (AVX-512), an 8 x 8 one, 5 columns one at a time
+    (200, 300, 32, 45, dict(density=0.7)),
 ]
 
 
@@ -109,6 +111,7 @@ def test_each_isa_deterministic_across_runs_and_threads(isa, shape, B):
 # narrow blocks grouped NR / side lines to a tile, so the groups differ between the tile widths
 AGREE_SHAPES = [
     (300, 260, 64, 40, dict(density=0.6, mask=True)),
+    (200, 300, 32, 45, dict(density=0.7)),
     (130, 61, 64, 3, dict(mask=True)),  # narrow grad_input and grad_weight
     (70, 200, 3, 64, dict(mask=True)),  # narrow forward
     (1500, 1300, 64, 48, dict(density=0.3, mask=True, full_row=True)),
