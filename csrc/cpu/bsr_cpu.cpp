@@ -806,7 +806,8 @@ void grad_input_kernel(const T* dy, const T* w, const int32_t* ccol, const int32
 // x is packed once into per-block-column panels X[j][q][b][n] = x[b][j*BC + q*NR + n] (each is
 // read by every block of its column), dy per block row into a thread's A[t][b][m] =
 // dy[b][i*BR + t*MR + m] (zero out of range); then each stored block is a [BR x B] @ [B x BC]
-// product over those panels. dW is written with streaming stores: it is not read back here.
+// product over those panels. dW is written with streaming stores: it is not read back here (where
+// no mask applies, straight from the registers: Kernels::tile_stream).
 // Where db is not null, also the bias gradient (BiasSums), fused into the pass over dy where
 // pack_dy_panels runs.
 // Bf16Out (T float only): dW rounded to bfloat16 as each tile is stored, into dw16 (bfloat16)

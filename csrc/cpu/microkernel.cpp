@@ -25,8 +25,9 @@ namespace efcn_cpu {
 namespace {
 
 // ------------------------------------------------------------------------------ tile shapes
-// Portable and AVX2: 6 x (two 256-bit registers); AVX-512: 12 x (two 512-bit registers), 24 of
-// the 32 zmm registers accumulating, 2 holding the B row, the A entries broadcast from memory.
+// Portable and AVX2: 6 x (two 256-bit registers); AVX-512: 8 x (two 512-bit registers), 16 of
+// the 32 zmm registers accumulating, 2 holding the B row, the A entries broadcast from memory (8
+// rows: batch tiles and dy's block rows split evenly at the usual multiples of 8).
 template <typename T>
 constexpr int kNR256 = 64 / static_cast<int>(sizeof(T));
 template <typename T>
