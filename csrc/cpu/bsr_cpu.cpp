@@ -327,8 +327,9 @@ void lines_part(int64_t n, int64_t bytes, BlockPtr block, int64_t part, int64_t 
 // Shared driver of forward and grad_input: out [B, ldc] gets, for each of n_groups output block
 // slices g (a block row of y, or a block column of dx), the product of the streamed operand
 // `a` [B, F] at the columns of the group's segments with the packed blocks. `blocks(g)` gives
-// (p0, p1, extent, make) for for_each_group; `pack_b(segs, K, nv, bpack)` packs the group's
-// blocks as [nq][K][NR], columns past nv zero; the tile shape is that of `ks`. `lines(g, part,
+// (p0, p1, extent, make) for for_each_group; `pack_b(segs, K, nv, q, bpack)` packs panel q of the
+// group's blocks (output columns q*NR.. of the slice) as [K][NR], columns past nv zero, just
+// before its products (one panel at a time stays in L1); the tile shape is that of `ks`. `lines(g, part,
 // nparts, out)` appends a part of the cache lines of slice g's blocks (lines_part).
 // A task's output tiles accumulate in a contiguous panel of its own across the K groups (the
 // micro-kernel continues each entry's chain, load_c) and are written to `out` once, after the
@@ -362,8 +363,7 @@ void slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, OutT* ou
   };
   // a group holds at most kKMax K entries (more than F where trusted index lists repeat a block)
   auto init = [&] {
-    return Scratch{std::vector<T>(nq * kKMax * NR), std::vector<T>(tiles_per_task * nq * MR * NR + kAlign), {}, {}, {},
-                   {}};
+    return Scratch{std::vector<T>(kKMax * NR), std::vector<T>(tiles_per_task * nq * MR * NR + kAlign), {}, {}, {}, {}};
   };
   parallel_dynamic(n_groups * nch, work, init, [&](Scratch& st, int64_t u0, int64_t u1) {
     std::vector<T>& bpack = st.bpack;
@@ -392,7 +392,6 @@ void slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, OutT* ou
       const int64_t nparts = cdiv(total, kKMax) * (bt1 - bt0) * nq;
       int64_t gidx = 0;  // this group's index in the slice
       auto group = [&](const std::vector<Seg<T>>& sg, int64_t K, bool first, bool last) {
-        pack_b(sg, K, nv, bpack.data());
         // segments contiguous in the packed operand merge (same K order: narrow blocks of
         // neighbouring pixels otherwise give the micro-kernel a loop per block)
         offs.clear();
@@ -407,6 +406,7 @@ void slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, OutT* ou
         }
         // q outer: one B panel (K x NR, at most kKMax x NR) stays in L1 across the batch tiles
         for (int64_t q = 0; q < nq; ++q) {
+          pack_b(sg, K, nv, q, bpack.data());
           for (int64_t bt = bt0; bt < bt1; ++bt) {
             const int mr = static_cast<int>(std::min<int64_t>(MR, B - bt * MR));
             pf.clear();
@@ -415,7 +415,7 @@ void slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, OutT* ou
             // the next call's batch tile: the next one, or back to the first for the next panel
             const T* next_a = bt + 1 < bt1 ? ap + (bt + 1) * F * MR : q + 1 < nq ? ap + bt0 * F * MR : nullptr;
             ks.tile[mr](ap + bt * F * MR, offs.data(), kk.data(), static_cast<int>(offs.size()),
-                        bpack.data() + q * K * NR, c, !first, Prefetch<T>{next_a, pf.data(), static_cast<int>(pf.size())});
+                        bpack.data(), c, !first, Prefetch<T>{next_a, pf.data(), static_cast<int>(pf.size())});
             if (!last) continue;
             const int64_t nvq = std::min<int64_t>(NR, nv - q * NR);
             OutT* oq = o + bt * MR * ldc + q * NR;
@@ -588,7 +588,7 @@ void narrow_slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, O
   auto blocks = [&](int64_t g) { return std::make_tuple(uptr[g], uptr[g + 1], extent, make); };
   // B[k][d*S + n] = element (k, n) of line d's block at the entry (zero if none), columns past
   // nv zero; one panel (G * S <= NR).
-  auto pack_b = [&](const std::vector<Seg<T>>& sg, int64_t, int64_t nv, T* bp) {
+  auto pack_b = [&](const std::vector<Seg<T>>& sg, int64_t, int64_t nv, int64_t, T* bp) {
     for (const Seg<T>& s : sg) {
       const int64_t k0 = s.a_off - ukey[s.item] * KS;
       std::fill(bp, bp + s.k * NR, T(0));
@@ -747,18 +747,14 @@ void forward_kernel(const Kernels<T>& ks, const T* x, const T* w, const OutT* bi
   const int NR = ks.nr;
   if (2 * BR <= NR)
     return narrow_slice_gemm<T, OutT>(ks, x, B, N, y, M, bias, crow, col, nullptr, w, BR, BC, 1, BC);
-  const int64_t nq = cdiv(BR, NR);
   auto extent = [=](int64_t p) { return std::min(BC, N - col[p] * BC); };
   auto make = [=](int64_t p, int64_t k0, int64_t k) { return Seg<T>{col[p] * BC + k0, w + p * BR * BC + k0, k}; };
   auto blocks = [=](int64_t i) { return std::make_tuple(int64_t{crow[i]}, int64_t{crow[i + 1]}, extent, make); };
-  // B[q][k][n] = W[q*NR + n][k]: the group's blocks transposed, rows past nv zero.
-  auto pack_b = [=, &ks](const std::vector<Seg<T>>& sg, int64_t K, int64_t nv, T* bp) {
-    int64_t koff = 0;
-    for (size_t s = 0; s < sg.size(); ++s) {
-      for (int64_t q = 0; q < nq; ++q)
-        ks.pack_transposed(sg[s].w + q * NR * BC, BC, std::min<int64_t>(NR, nv - q * NR), sg[s].k,
-                        bp + (q * K + koff) * NR);
-      koff += sg[s].k;
+  // B[k][n] = W[q*NR + n][k]: the group's blocks transposed, rows past nv zero.
+  auto pack_b = [=, &ks](const std::vector<Seg<T>>& sg, int64_t, int64_t nv, int64_t q, T* bp) {
+    for (const Seg<T>& sgm : sg) {
+      ks.pack_transposed(sgm.w + q * NR * BC, BC, std::min<int64_t>(NR, nv - q * NR), sgm.k, bp);
+      bp += sgm.k * NR;
     }
   };
   auto lines = [=](int64_t i, int64_t part, int64_t nparts, std::vector<LineRange>& out) {  // contiguous
@@ -778,20 +774,16 @@ void grad_input_kernel(const T* dy, const T* w, const int32_t* ccol, const int32
   const int NR = ks.nr;
   if (2 * BC <= NR)
     return narrow_slice_gemm<T, T>(ks, dy, B, M, dx, N, nullptr, ccol, t_row, t_perm, w, BC, BR, BC, 1);
-  const int64_t nq = cdiv(BC, NR);
   auto extent = [=](int64_t k) { return std::min(BR, M - t_row[k] * BR); };
   auto make = [=](int64_t k, int64_t r0, int64_t len) {
     return Seg<T>{t_row[k] * BR + r0, w + t_perm[k] * BR * BC + r0 * BC, len};
   };
   auto blocks = [=](int64_t j) { return std::make_tuple(int64_t{ccol[j]}, int64_t{ccol[j + 1]}, extent, make); };
-  // B[q][k][n] = W[k][q*NR + n]: rows of the group's blocks, columns past nv zero.
-  auto pack_b = [=, &ks](const std::vector<Seg<T>>& sg, int64_t K, int64_t nv, T* bp) {
-    int64_t koff = 0;
-    for (size_t s = 0; s < sg.size(); ++s) {
-      for (int64_t q = 0; q < nq; ++q)
-        ks.pack_copy(sg[s].w + q * NR, BC, sg[s].k, std::min<int64_t>(NR, nv - q * NR), bp + (q * K + koff) * NR,
-                     false);
-      koff += sg[s].k;
+  // B[k][n] = W[k][q*NR + n]: rows of the group's blocks, columns past nv zero.
+  auto pack_b = [=, &ks](const std::vector<Seg<T>>& sg, int64_t, int64_t nv, int64_t q, T* bp) {
+    for (const Seg<T>& sgm : sg) {
+      ks.pack_copy(sgm.w + q * NR, BC, sgm.k, std::min<int64_t>(NR, nv - q * NR), bp, false);
+      bp += sgm.k * NR;
     }
   };
   auto lines = [=](int64_t j, int64_t part, int64_t nparts, std::vector<LineRange>& out) {
@@ -989,24 +981,21 @@ std::optional<at::Tensor> forward_bf16_f32(const at::Tensor& x, const at::Tensor
   }
   if (2 * BR <= ks.nr) return std::nullopt;
   const int NR = ks.nr;
-  const int64_t nq = cdiv(BR, NR), blk = BR * BC;
+  const int64_t blk = BR * BC;
   const int32_t *crow = crow_ptr.data_ptr<int32_t>(), *col = col_idx.data_ptr<int32_t>();
   const Bf16Values w(values);
   at::Tensor y = pooled_empty({B, M}, at::kBFloat16);
   auto extent = [=](int64_t p) { return std::min(BC, N - col[p] * BC); };
   auto make = [=](int64_t p, int64_t k0, int64_t k) { return Seg<float>{col[p] * BC + k0, nullptr, k, p * blk + k0}; };
   auto blocks = [=](int64_t i) { return std::make_tuple(int64_t{crow[i]}, int64_t{crow[i + 1]}, extent, make); };
-  auto pack_b = [=, &ks](const std::vector<Seg<float>>& sg, int64_t K, int64_t nv, float* bp) {
+  auto pack_b = [=, &ks](const std::vector<Seg<float>>& sg, int64_t, int64_t nv, int64_t q, float* bp) {
     thread_local std::vector<float> buf;
     buf.resize(NR * kKMax);
-    int64_t koff = 0;
+    const int64_t rows = std::min<int64_t>(NR, nv - q * NR);
     for (const Seg<float>& sgm : sg) {
-      for (int64_t q = 0; q < nq; ++q) {
-        const int64_t rows = std::min<int64_t>(NR, nv - q * NR);
-        w.rows(sgm.item + q * NR * BC, BC, rows, sgm.k, buf.data(), sgm.k);
-        ks.pack_transposed(buf.data(), sgm.k, rows, sgm.k, bp + (q * K + koff) * NR);
-      }
-      koff += sgm.k;
+      w.rows(sgm.item + q * NR * BC, BC, rows, sgm.k, buf.data(), sgm.k);
+      ks.pack_transposed(buf.data(), sgm.k, rows, sgm.k, bp);
+      bp += sgm.k * NR;
     }
   };
   auto lines = [=](int64_t i, int64_t part, int64_t nparts, std::vector<LineRange>& out) {  // contiguous
@@ -1030,7 +1019,7 @@ std::optional<at::Tensor> grad_input_bf16_f32(const at::Tensor& dy, const at::Te
   const int64_t B = dy.size(0), M = dy.size(1), BR = values.size(1), BC = values.size(2);
   if (2 * BC <= ks.nr) return std::nullopt;
   const int NR = ks.nr;
-  const int64_t nq = cdiv(BC, NR), blk = BR * BC;
+  const int64_t blk = BR * BC;
   const int32_t *ccol = ccol_ptr.data_ptr<int32_t>(), *t_row = t_row_idx.data_ptr<int32_t>(),
                 *perm = t_perm.data_ptr<int32_t>();
   const Bf16Values w(values);
@@ -1040,17 +1029,14 @@ std::optional<at::Tensor> grad_input_bf16_f32(const at::Tensor& dy, const at::Te
     return Seg<float>{t_row[k] * BR + r0, nullptr, len, perm[k] * blk + r0 * BC};
   };
   auto blocks = [=](int64_t j) { return std::make_tuple(int64_t{ccol[j]}, int64_t{ccol[j + 1]}, extent, make); };
-  auto pack_b = [=, &ks](const std::vector<Seg<float>>& sg, int64_t K, int64_t nv, float* bp) {
+  auto pack_b = [=, &ks](const std::vector<Seg<float>>& sg, int64_t, int64_t nv, int64_t q, float* bp) {
     thread_local std::vector<float> buf;
     buf.resize(kKMax * NR);
-    int64_t koff = 0;
+    const int64_t cols = std::min<int64_t>(NR, nv - q * NR);
     for (const Seg<float>& sgm : sg) {
-      for (int64_t q = 0; q < nq; ++q) {
-        const int64_t cols = std::min<int64_t>(NR, nv - q * NR);
-        w.rows(sgm.item + q * NR, BC, sgm.k, cols, buf.data(), NR);
-        ks.pack_copy(buf.data(), NR, sgm.k, cols, bp + (q * K + koff) * NR, false);
-      }
-      koff += sgm.k;
+      w.rows(sgm.item + q * NR, BC, sgm.k, cols, buf.data(), NR);
+      ks.pack_copy(buf.data(), NR, sgm.k, cols, bp, false);
+      bp += sgm.k * NR;
     }
   };
   auto lines = [=](int64_t j, int64_t part, int64_t nparts, std::vector<LineRange>& out) {
@@ -1127,7 +1113,7 @@ std::optional<at::Tensor> forward_bf16_pairs_f32w(const at::Tensor& x, const at:
     return std::nullopt;
   const Kernels<float>& ks = *pairs;
   const int NR = ks.nr;
-  const int64_t nq = cdiv(BR, NR), BCw = BC / 2, Nw = N / 2, blk = BR * BC;
+  const int64_t BCw = BC / 2, Nw = N / 2, blk = BR * BC;
   const int32_t *crow = crow_ptr.data_ptr<int32_t>(), *col = col_idx.data_ptr<int32_t>();
   const float* w = values.data_ptr<float>();
   at::Tensor y = pooled_empty({B, M}, at::kBFloat16);
@@ -1135,18 +1121,15 @@ std::optional<at::Tensor> forward_bf16_pairs_f32w(const at::Tensor& x, const at:
   // item: the element offset of the segment's first entry in the values (k0 words in)
   auto make = [=](int64_t p, int64_t k0, int64_t k) { return Seg<float>{col[p] * BCw + k0, nullptr, k, p * blk + 2 * k0}; };
   auto blocks = [=](int64_t i) { return std::make_tuple(int64_t{crow[i]}, int64_t{crow[i + 1]}, extent, make); };
-  // as forward_kernel's pack_b on the rounded rows: B[q][kw][n] = the pair (W[q*NR + n][2kw], W[..][2kw + 1])
-  auto pack_b = [=, &ks](const std::vector<Seg<float>>& sg, int64_t K, int64_t nv, float* bp) {
+  // as forward_kernel's pack_b on the rounded rows: B[kw][n] = the pair (W[q*NR + n][2kw], W[..][2kw + 1])
+  auto pack_b = [=, &ks](const std::vector<Seg<float>>& sg, int64_t, int64_t nv, int64_t q, float* bp) {
     thread_local std::vector<uint16_t> rounded;
     rounded.resize(NR * 2 * kKMax);
-    int64_t koff = 0;
+    const int64_t rows = std::min<int64_t>(NR, nv - q * NR);
     for (const Seg<float>& sgm : sg) {
-      for (int64_t q = 0; q < nq; ++q) {
-        const int64_t rows = std::min<int64_t>(NR, nv - q * NR);
-        round_rows_bf16(w + sgm.item + q * NR * BC, BC, rows, 2 * sgm.k, rounded.data(), 2 * sgm.k);
-        ks.pack_transposed(reinterpret_cast<const float*>(rounded.data()), sgm.k, rows, sgm.k, bp + (q * K + koff) * NR);
-      }
-      koff += sgm.k;
+      round_rows_bf16(w + sgm.item + q * NR * BC, BC, rows, 2 * sgm.k, rounded.data(), 2 * sgm.k);
+      ks.pack_transposed(reinterpret_cast<const float*>(rounded.data()), sgm.k, rows, sgm.k, bp);
+      bp += sgm.k * NR;
     }
   };
   auto lines = [=](int64_t i, int64_t part, int64_t nparts, std::vector<LineRange>& out) {  // contiguous
@@ -1175,7 +1158,7 @@ std::optional<at::Tensor> grad_input_bf16_pairs(const at::Tensor& dy, const at::
     return std::nullopt;
   const Kernels<float>& ks = *pairs;
   const int NR = ks.nr;
-  const int64_t nq = cdiv(BC, NR), BRw = BR / 2, Mw = M / 2, blk = BR * BC;
+  const int64_t BRw = BR / 2, Mw = M / 2, blk = BR * BC;
   const int32_t *ccol = ccol_ptr.data_ptr<int32_t>(), *t_row = t_row_idx.data_ptr<int32_t>(),
                 *perm = t_perm.data_ptr<int32_t>();
   const Bf16Values w(values);
@@ -1186,18 +1169,15 @@ std::optional<at::Tensor> grad_input_bf16_pairs(const at::Tensor& dy, const at::
     return Seg<float>{t_row[k] * BRw + r0, nullptr, len, perm[k] * blk + 2 * r0 * BC};
   };
   auto blocks = [=](int64_t j) { return std::make_tuple(int64_t{ccol[j]}, int64_t{ccol[j + 1]}, extent, make); };
-  // B[q][kp][n] = (W[2kp][q*NR + n], W[2kp + 1][q*NR + n]): row pairs of the group's blocks
-  auto pack_b = [=](const std::vector<Seg<float>>& sg, int64_t K, int64_t nv, float* bp) {
-    int64_t koff = 0;
+  // B[kp][n] = (W[2kp][q*NR + n], W[2kp + 1][q*NR + n]): row pairs of the group's blocks
+  auto pack_b = [=](const std::vector<Seg<float>>& sg, int64_t, int64_t nv, int64_t q, float* bp) {
+    const int64_t cols = std::min<int64_t>(NR, nv - q * NR);
     for (const Seg<float>& sgm : sg) {
-      for (int64_t q = 0; q < nq; ++q) {
-        const int64_t cols = std::min<int64_t>(NR, nv - q * NR);
-        if (w.f32)
-          pack_bf16_pairs_f32(w.f32 + sgm.item + q * NR, BC, 2 * sgm.k, cols, NR, bp + (q * K + koff) * NR);
-        else
-          pack_bf16_pairs(w.b16 + sgm.item + q * NR, BC, 2 * sgm.k, cols, NR, bp + (q * K + koff) * NR);
-      }
-      koff += sgm.k;
+      if (w.f32)
+        pack_bf16_pairs_f32(w.f32 + sgm.item + q * NR, BC, 2 * sgm.k, cols, NR, bp);
+      else
+        pack_bf16_pairs(w.b16 + sgm.item + q * NR, BC, 2 * sgm.k, cols, NR, bp);
+      bp += sgm.k * NR;
     }
   };
   auto lines = [=](int64_t j, int64_t part, int64_t nparts, std::vector<LineRange>& out) {
