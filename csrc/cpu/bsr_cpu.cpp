@@ -261,7 +261,7 @@ struct Seg {
   int64_t item = 0;  // the packer's own index of what the segment holds (narrow_slice_gemm)
 };
 
-// Calls fn(segs, K, first, last) on consecutive groups of the K entries of blocks [p0, p1):
+// Calls fn(segs, K, g, ngroups) on the ngroups consecutive groups g of the K entries of blocks [p0, p1):
 // extent(p) is the in-range K of block p, make(p, k0, k) the segment of its entries [k0, k0+k).
 // The K entries are split into the fewest groups of at most kKMax, of near-equal size; blocks
 // are cut where a group fills up, so the cut points depend on the layout alone.
@@ -269,16 +269,14 @@ template <typename T, typename Extent, typename Make, typename Fn>
 void for_each_group(int64_t p0, int64_t p1, Extent extent, Make make, std::vector<Seg<T>>& segs, Fn fn) {
   int64_t total = 0;
   for (int64_t p = p0; p < p1; ++p) total += extent(p);
-  const int64_t kmax = cdiv(total, cdiv(total, kKMax));
+  const int64_t kmax = cdiv(total, cdiv(total, kKMax)), ngroups = cdiv(total, kmax);
   segs.clear();
-  int64_t K = 0;
-  bool first = true;
+  int64_t K = 0, g = 0;
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t kp = extent(p);
     for (int64_t k0 = 0; k0 < kp;) {
       if (K == kmax) {
-        fn(segs, K, first, false);
-        first = false;
+        fn(segs, K, g++, ngroups);
         segs.clear();
         K = 0;
       }
@@ -288,7 +286,7 @@ void for_each_group(int64_t p0, int64_t p1, Extent extent, Make make, std::vecto
       k0 += k;
     }
   }
-  fn(segs, K, first, true);
+  fn(segs, K, g, ngroups);
 }
 
 // out[m*ldc + n] = tile[m][n] (+ bias[n]) for m < mr, n < nv, through the caches; summed in T,
@@ -385,13 +383,11 @@ void slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, OutT* ou
       }
       // the next slice this thread computes, if known and another one: prefetched while this one runs
       const int64_t g_next = u + 1 < u1 && (u + 1) / nch != g ? (u + 1) / nch : -1;
-      // its lines are spread over every call of this slice (all K groups: for_each_group makes
-      // cdiv(K, kKMax) of them), so that their memory latency has the whole slice to hide in
-      int64_t total = 0;
-      for (int64_t p = p0; p < p1; ++p) total += std::get<2>(range)(p);
-      const int64_t nparts = cdiv(total, kKMax) * (bt1 - bt0) * nq;
-      int64_t gidx = 0;  // this group's index in the slice
-      auto group = [&](const std::vector<Seg<T>>& sg, int64_t K, bool first, bool last) {
+      auto group = [&](const std::vector<Seg<T>>& sg, int64_t K, int64_t gidx, int64_t ngroups) {
+        const bool first = gidx == 0, last = gidx + 1 == ngroups;
+        // g_next's lines are spread over every call of this slice (all its K groups), so that
+        // their memory latency has the whole slice to hide in
+        const int64_t nparts = ngroups * (bt1 - bt0) * nq;
         // segments contiguous in the packed operand merge (same K order: narrow blocks of
         // neighbouring pixels otherwise give the micro-kernel a loop per block)
         offs.clear();
@@ -435,7 +431,6 @@ void slice_gemm(const Kernels<T>& ks, const T* a, int64_t B, int64_t F, OutT* ou
             store_tile(c, mr, NR, nvq, oq, ldc, bq);
           }
         }
-        ++gidx;
       };
       for_each_group<T>(p0, p1, std::get<2>(range), std::get<3>(range), st.segs, group);
     }
@@ -846,9 +841,9 @@ void grad_weight_kernel(const T* dy, const T* x, const int32_t* row, const int32
     acut[k] = cdiv(ntr * B * MR * int64_t{sizeof(T)}, 64) * k / (ntr * nq);
   }
   // products streamed from the registers straight into dW: no mask to apply, float32 out, whole
-  // aligned lines
+  // aligned lines (BC a multiple of NR: rows and tiles start on 128-byte boundaries of dw)
   const bool direct = ks.tile_stream[1] && !patterns && dw && !bf.round && BC % NR == 0 &&
-                      (BC * int64_t{sizeof(T)}) % 64 == 0 && reinterpret_cast<uintptr_t>(dw) % 64 == 0;
+                      reinterpret_cast<uintptr_t>(dw) % 64 == 0;
   struct Scratch {
     std::vector<T> apack;
     int64_t row;  // block row held in apack, -1: none
