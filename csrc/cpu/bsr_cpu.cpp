@@ -953,32 +953,27 @@ std::optional<at::Tensor> forward_bf16_f32(const at::Tensor& x, const at::Tensor
                                            const at::Tensor& col_idx, int64_t M) {
   const Kernels<float>& ks = active_kernels<float>();
   const int64_t B = x.size(0), N = x.size(1), BR = values.size(1), BC = values.size(2);
+  const Bf16Values w(values);
+  const int32_t *crow = crow_ptr.data_ptr<int32_t>(), *col = col_idx.data_ptr<int32_t>();
   if (B <= kGemvBatch && ks.gemv) {  // the weights read once, as bfloat16, by the float gemv's chains
     at::Tensor xf = at::empty({B, N}, x.options().dtype(at::kFloat));
     to_f32_rows(reinterpret_cast<const uint16_t*>(x.data_ptr()), N, B, N, xf.data_ptr<float>(), N);
     at::Tensor y = pooled_empty({B, M}, at::kBFloat16);
     const uint16_t* b16 = bias.has_value() ? reinterpret_cast<const uint16_t*>(bias->data_ptr()) : nullptr;
     auto* y16 = reinterpret_cast<uint16_t*>(y.data_ptr());
-    const int32_t *crow = crow_ptr.data_ptr<int32_t>(), *col = col_idx.data_ptr<int32_t>();
-    if (values.scalar_type() == at::kFloat) {
-      const auto gemv = [](const float* const* w, const float* const* xs, const int64_t* len, int nseg, int64_t rows,
-                           int64_t ldw, float* out) { gemv_bf16(w, xs, len, nseg, rows, ldw, out); };
-      forward_gemv<float, float, uint16_t>(gemv, xf.data_ptr<float>(), values.data_ptr<float>(), b16, crow, col, y16, B,
-                                           N, M, BR, BC);
-    } else {
-      const auto gemv = [](const uint16_t* const* w, const float* const* xs, const int64_t* len, int nseg,
-                           int64_t rows, int64_t ldw, float* out) { gemv_bf16(w, xs, len, nseg, rows, ldw, out); };
-      forward_gemv<float, uint16_t, uint16_t>(gemv, xf.data_ptr<float>(),
-                                              reinterpret_cast<const uint16_t*>(values.data_ptr()), b16, crow, col, y16,
-                                              B, N, M, BR, BC);
-    }
+    const float* xp = xf.data_ptr<float>();
+    // gemv_bf16 of float32 or bfloat16 weights, whichever the values hold
+    const auto gemv = [](auto ws, const float* const* xs, const int64_t* len, int nseg, int64_t rows, int64_t ldw,
+                         float* out) { gemv_bf16(ws, xs, len, nseg, rows, ldw, out); };
+    if (w.f32)
+      forward_gemv(gemv, xp, w.f32, b16, crow, col, y16, B, N, M, BR, BC);
+    else
+      forward_gemv(gemv, xp, w.b16, b16, crow, col, y16, B, N, M, BR, BC);
     return y;
   }
   if (2 * BR <= ks.nr) return std::nullopt;
   const int NR = ks.nr;
   const int64_t blk = BR * BC;
-  const int32_t *crow = crow_ptr.data_ptr<int32_t>(), *col = col_idx.data_ptr<int32_t>();
-  const Bf16Values w(values);
   at::Tensor y = pooled_empty({B, M}, at::kBFloat16);
   auto extent = [=](int64_t p) { return std::min(BC, N - col[p] * BC); };
   auto make = [=](int64_t p, int64_t k0, int64_t k) { return Seg<float>{col[p] * BC + k0, nullptr, k, p * blk + k0}; };
